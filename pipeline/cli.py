@@ -1,0 +1,118 @@
+"""The `t2i` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline.config import ConfigError, dump_config, load_config
+
+
+def _shards_build(args: argparse.Namespace) -> int:
+    from stages.shards import ShardsConfig, build
+
+    overrides = [f"out_dir={args.out}", *args.overrides]
+    if args.folder:
+        overrides += ["source=folder", f"folder={args.folder}"]
+    elif args.table:
+        overrides += ["source=table", f"table={args.table}"]
+    cfg = load_config(ShardsConfig, args.config, overrides)
+    result = build(cfg)
+    dump_config(cfg, f"{cfg.out_dir}/config.yaml")
+    skipped = ", ".join(f"{reason} {count}" for reason, count in result["skipped"].items()) or "none"
+    print(f"wrote {result['written']} samples in {len(result['shards'])} shard(s) to {cfg.out_dir}; skipped: {skipped}")
+    return 0
+
+
+def _shards_stats(args: argparse.Namespace) -> int:
+    from pipeline.data.stats import format_stats, shard_stats
+
+    stats = shard_stats(args.pattern, resolution=args.resolution, num_workers=args.workers)
+    print(json.dumps(stats) if args.json else format_stats(stats))
+    return 0
+
+
+def _stage(args: argparse.Namespace) -> int:
+    from stages import load_stage
+
+    module = load_stage(args.stage)
+    cfg = load_config(module.Config, args.config, args.overrides)
+    dump_config(cfg, f"{_output_folder(cfg, module.OUTPUT)}/config.yaml")
+    return module.run(cfg) or 0
+
+
+def _output_folder(cfg, dotted: str) -> str:
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.launch.local import run_pipeline
+
+    return run_pipeline(args.pipeline, from_stage=args.from_stage)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2i", description="Train text-to-image models as a pipeline of stages.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    shards = commands.add_parser("shards", help="write or inspect webdataset shards").add_subparsers(
+        dest="shards_command", required=True)
+    build = shards.add_parser("build", help="write shards from the shapes generator, a folder or a table",
+                              description="Writes NNNNN.tar shards (KEY.jpg, KEY.txt, KEY.json) and sizes.json. "
+                                          "Without --folder or --table, generates the synthetic shapes data set; "
+                                          "KEY=VALUE overrides set any key of stages/shards.py's ShardsConfig "
+                                          "(count=5000 resolution=128 seed=1 samples_per_shard=500).")
+    build.add_argument("--out", required=True, help="output folder")
+    source = build.add_mutually_exclusive_group()
+    source.add_argument("--folder", help="folder of images with .txt caption sidecars")
+    source.add_argument("--table", help="CSV or parquet file with image paths and captions")
+    build.add_argument("-c", "--config", help="a YAML ShardsConfig")
+    build.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    build.set_defaults(handler=_shards_build)
+
+    stats = shards.add_parser("stats", help="read shards through the training loader and report on them")
+    stats.add_argument("pattern", help="shard pattern, e.g. 'data/{00000..00099}.tar', a folder, or pipe:/http URLs")
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    stats.add_argument("--resolution", type=int, default=64)
+    stats.add_argument("--workers", type=int, default=2)
+    stats.set_defaults(handler=_shards_stats)
+
+    stage = commands.add_parser("stage", help="run one stage of any kind (what `t2i run` starts)")
+    stage.add_argument("stage", help="stage name, e.g. shards, vae")
+    stage.add_argument("-c", "--config", help="the stage's YAML config")
+    stage.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    stage.set_defaults(handler=_stage)
+
+    run = commands.add_parser("run", help="run a pipeline's stages on this machine")
+    run.add_argument("pipeline", help="pipeline YAML, e.g. configs/pipelines/demo.yaml")
+    run.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run STAGE and everything after it")
+    run.set_defaults(handler=_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = build_parser()
+    # KEY=VALUE overrides may stand before or after options: argparse only collects one run of them.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"t2i: config error: {error}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as error:
+        print(f"t2i: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

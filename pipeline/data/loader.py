@@ -1,0 +1,184 @@
+"""The streaming loader every stage trains from.
+
+Promises:
+- Shards come from local paths, brace patterns and anything webdataset opens; they are streamed,
+  never copied whole.
+- `mode: epoch` (exactly once): in each epoch every valid sample is yielded exactly once across
+  all ranks and workers, every rank yields `steps_per_epoch` batches, and batches a rank could not
+  fill are padded with samples whose `valid` flag is False. `mode: resampled`: shards are drawn at
+  random with replacement, forever.
+- Bad samples are skipped, counted by reason and shard, and logged with rate limiting; past
+  `max_bad_fraction` the run stops with DataErrorBudgetExceeded naming the worst shards.
+- `state_dict()` records, per worker, the position after the last batch handed out; a loader given
+  that state yields exactly the batches an uninterrupted one would have yielded next (same
+  shards, world size, batch size and worker count).
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data.plan import WorkerPlan, plan_epoch, steps_per_epoch
+from pipeline.data.stream import StreamSpec, WorkerState, WorkerStream, check_error_budget
+from pipeline.data.tars import expand_shards, shard_size
+from pipeline.data.text import make_tokenizer
+
+
+@dataclass
+class DataConfig:
+    """Where the image-text shards are and how they become batches."""
+
+    shards: str = ""  # brace pattern(s), '::'-separated; local, pipe:, http(s)
+    resolution: int = 64
+    crop: Literal["center", "random"] = "center"
+    batch_size: int = 16  # per rank
+    num_workers: int = 2
+    mode: Literal["epoch", "resampled"] = "epoch"
+    shuffle_shards: bool = True
+    shuffle_buffer: int = 256  # raw samples permuted together; 0 or 1 keeps tar order
+    tokenizer: str | None = None  # 'open_clip:ViT-B-32' or 'hf:/local/path'; None gives no tokens
+    text_length: int = 77
+    max_bad_fraction: float = 0.05
+    budget_min_samples: int = 200  # the budget is judged once this many samples were read
+
+    def validate(self) -> None:
+        if not 8 <= self.resolution <= 4096:
+            raise ValueError(f"resolution must be between 8 and 4096, got {self.resolution}")
+        if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError("batch_size must be >= 1, num_workers and shuffle_buffer >= 0")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+
+
+class StreamingLoader:
+    """Batches for one rank: dicts with `image` (B, 3, R, R) in [-1, 1], `caption`, `key`, `valid`
+    and, with a tokenizer, `tokens` (B, text_length). Iterating runs epoch after epoch."""
+
+    def __init__(self, cfg: DataConfig, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 enforce_budget: bool = True) -> None:
+        self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
+        self.enforce_budget = enforce_budget
+        self.urls = expand_shards(cfg.shards)
+        with ThreadPoolExecutor(8) as pool:
+            sizes = list(pool.map(shard_size, self.urls))
+        self.sizes = [size for size, _ in sizes]
+        # Damage found while counting; a worker reads only the samples counted, so it is not seen twice.
+        self.problems = {url: problem for url, (_, problem) in zip(self.urls, sizes) if problem}
+        if sum(self.sizes) == 0:
+            raise ValueError(f"data.shards={cfg.shards!r}: no samples in {len(self.urls)} shard(s)"
+                             f" ({len(self.problems)} missing or damaged)")
+        self.workers = max(1, cfg.num_workers)
+        self.epoch, self.consumed = 0, 0
+        self._worker_states: dict[int, dict] = {}
+        self._finished = WorkerState()  # counters of completed epochs
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Batches per epoch on every rank; None in resampled mode."""
+        if self.cfg.mode == "resampled":
+            return None
+        return steps_per_epoch(self.sizes, self.world_size, self.cfg.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            yield from self.epoch_batches()
+            self._finish_epoch()
+
+    def epoch_batches(self) -> Iterator[dict]:
+        """The remaining batches of the current epoch (endless in resampled mode)."""
+        cfg = self.cfg
+        if cfg.mode == "resampled":
+            plans = [WorkerPlan(worker, None, None) for worker in range(self.workers)]
+        else:
+            plans = plan_epoch(self.sizes, epoch=self.epoch, seed=self.seed, rank=self.rank,
+                               world_size=self.world_size, batch_size=cfg.batch_size,
+                               workers=self.workers, shuffle_shards=cfg.shuffle_shards)
+        spec = StreamSpec(tuple(self.urls), tuple(self.sizes), cfg.resolution, cfg.crop, cfg.batch_size,
+                          cfg.shuffle_buffer, self.seed, self.epoch, self.rank, cfg.max_bad_fraction,
+                          cfg.budget_min_samples if self.enforce_budget else 2**62)
+        states = {worker: WorkerState(**self._worker_states.get(worker, {})) for worker in range(self.workers)}
+        dataset = _EpochDataset(spec, plans, states, rotation=self.consumed % self.workers,
+                                tokenizer=cfg.tokenizer, text_length=cfg.text_length)
+        loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
+                            worker_init_fn=_worker_init if cfg.num_workers else None)
+        for batch in loader:
+            state = batch.pop("_state")
+            self._worker_states[state.pop("worker")] = state
+            self.consumed += 1
+            if self.enforce_budget:
+                totals = self.totals()
+                check_error_budget(totals["samples"], totals["skipped"], totals["bad_shards"],
+                                   cfg.max_bad_fraction, cfg.budget_min_samples)
+            yield batch
+
+    def _finish_epoch(self) -> None:
+        totals = self._counters()
+        self._finished = WorkerState(samples=totals.samples, padded=totals.padded,
+                                     skipped=totals.skipped, bad_shards=totals.bad_shards)
+        self.epoch, self.consumed, self._worker_states = self.epoch + 1, 0, {}
+
+    def _counters(self) -> WorkerState:
+        total = WorkerState(samples=self._finished.samples, padded=self._finished.padded,
+                            skipped=dict(self._finished.skipped), bad_shards=dict(self._finished.bad_shards))
+        for state in self._worker_states.values():
+            total.samples += state["samples"]
+            total.padded += state["padded"]
+            for reason, count in state["skipped"].items():
+                total.skipped[reason] = total.skipped.get(reason, 0) + count
+            for url, count in state["bad_shards"].items():
+                total.bad_shards[url] = total.bad_shards.get(url, 0) + count
+        return total
+
+    def totals(self) -> dict:
+        """Samples yielded, skips by reason (damaged shards included), skips by shard, padding."""
+        total = self._counters()
+        for url, problem in self.problems.items():
+            total.skipped[problem] = total.skipped.get(problem, 0) + 1
+            total.bad_shards[url] = total.bad_shards.get(url, 0) + 1
+        return {"samples": total.samples, "skipped": total.skipped, "bad_shards": total.bad_shards,
+                "padded": total.padded}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed,
+                "workers": {str(worker): state for worker, state in self._worker_states.items()},
+                "finished": self._finished.as_dict(), "layout": self._layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["layout"] != self._layout():
+            changed = [f"{key} {old!r} -> {new!r}" for (key, old), new in
+                       zip(state["layout"].items(), self._layout().values()) if old != new]
+            raise ValueError("cannot resume the data position: " + ", ".join(changed) + " changed since the checkpoint")
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+        self._worker_states = {int(worker): dict(value) for worker, value in state["workers"].items()}
+        self._finished = WorkerState(**state["finished"])
+
+    def _layout(self) -> dict:
+        return {"shards": len(self.urls), "samples": sum(self.sizes), "world_size": self.world_size,
+                "batch_size": self.cfg.batch_size, "workers": self.workers, "mode": self.cfg.mode}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode in parallel processes; intra-op threads only contend
+
+
+class _EpochDataset(IterableDataset):
+    """Runs, in each DataLoader worker slot, the logical worker whose batch comes next."""
+
+    def __init__(self, spec: StreamSpec, plans: list[WorkerPlan], states: dict[int, WorkerState], *,
+                 rotation: int, tokenizer: str | None, text_length: int) -> None:
+        self.spec, self.plans, self.states, self.rotation = spec, plans, states, rotation
+        self.tokenizer, self.text_length = tokenizer, text_length
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        slot = info.id if info else 0
+        # The DataLoader asks its workers in turn starting at slot 0; the logical worker owning the
+        # next batch must sit there for a resumed epoch to keep the uninterrupted order.
+        worker = (slot + self.rotation) % len(self.plans)
+        tokenize = make_tokenizer(self.tokenizer, self.text_length) if self.tokenizer else None
+        stream = WorkerStream(self.spec, self.plans[worker], self.states[worker], tokenize)
+        yield from stream.batches()

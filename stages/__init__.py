@@ -1,0 +1,24 @@
+"""The stage registry. A stage module defines:
+
+- `Config`: its typed config dataclass;
+- `OUTPUT`: the dotted config key that holds its output folder (the runner sets it);
+- `run(cfg)`: does the stage's work, leaving its outputs in that folder.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from types import ModuleType
+
+STAGES = {
+    "shards": "stages.shards",
+}
+
+
+def load_stage(name: str) -> ModuleType:
+    """The module of stage `name`; a ValueError naming the nearest stage for a typo."""
+    if name not in STAGES:
+        near = difflib.get_close_matches(name, STAGES, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(f"unknown stage {name!r}{hint}; stages: {', '.join(sorted(STAGES))}")
+    return importlib.import_module(STAGES[name])
