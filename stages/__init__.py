@@ -12,11 +12,17 @@ from types import ModuleType
 
 STAGES = {
     "shards": "stages.shards",
+    "vae": "stages.vae",
+    "beta_vae": "stages.beta_vae",
+    "cvae": "stages.cvae",
 }
 
 
 def load_stage(name: str) -> ModuleType:
-    """The module of stage `name`; a ValueError naming the nearest stage for a typo."""
+    """The module of stage `name`, or of an importable module path holding a stage of your own
+    (`mypackage.my_stage`); a ValueError naming the nearest stage for a typo."""
+    if "." in name:
+        return importlib.import_module(name)
     if name not in STAGES:
         near = difflib.get_close_matches(name, STAGES, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""

@@ -103,8 +103,10 @@ class StreamingLoader:
         states = {worker: WorkerState(**self._worker_states.get(worker, {})) for worker in range(self.workers)}
         dataset = _EpochDataset(spec, plans, states, rotation=self.consumed % self.workers,
                                 tokenizer=cfg.tokenizer, text_length=cfg.text_length)
+        # Its own generator: making an iterator must not draw from the global RNG the model uses.
         loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
-                            worker_init_fn=_worker_init if cfg.num_workers else None)
+                            worker_init_fn=_worker_init if cfg.num_workers else None,
+                            generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
             state = batch.pop("_state")
             self._worker_states[state.pop("worker")] = state

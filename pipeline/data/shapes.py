@@ -24,7 +24,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 20, 20),
     "orange": (250, 135, 0),
     "yellow": (240, 215, 0),
-    "green": (20, 165, 40),
+    "green": (10, 180, 50),
     "blue": (25, 60, 225),
     "purple": (145, 30, 210),
 }

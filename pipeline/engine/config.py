@@ -1,0 +1,89 @@
+"""The configs every training stage shares: optimizer, trainer, engine (back end) and launch.
+
+A training stage's config is `TrainConfig` plus its own `model` section."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.data.loader import DataConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ValueError("lr must be > 0, grad_clip and warmup_steps >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    out_dir: str = ""
+    max_steps: int = 1000
+    save_every: int = 200  # checkpoint every N optimizer steps (and at the end, and on SIGTERM/SIGUSR1)
+    keep_checkpoints: int = 2  # committed checkpoints kept; older ones go once a newer one is committed
+    seed: int = 0
+    log_every: int = 10
+    image_every: int = 0  # image grids every N steps; 0: only at the end
+    ema_decay: float = 0.0  # 0 turns the EMA off; e.g. 0.999
+    max_nonfinite_skips: int = 10  # consecutive skipped micro-batches with NaN/Inf before the run stops
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+
+    def validate(self) -> None:
+        if not self.out_dir:
+            raise ValueError("out_dir is required")
+        if self.max_steps < 1 or self.save_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
+            raise ValueError("max_steps, save_every, keep_checkpoints and log_every must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class EngineConfig:
+    backend: Literal["accelerate", "deepspeed"] = "accelerate"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    grad_accum: int = 1  # micro-batches per optimizer step
+    activation_checkpointing: bool = False  # models that support it recompute activations in backward
+    timeout_s: int = 600  # a collective waiting longer than this fails the run instead of hanging
+
+    def validate(self) -> None:
+        if not 0 <= self.zero_stage <= 3:
+            raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
+        if self.zero_stage and self.backend != "deepspeed":
+            raise ValueError("zero_stage needs backend 'deepspeed'")
+        if self.grad_accum < 1 or self.timeout_s < 1:
+            raise ValueError("grad_accum and timeout_s must be >= 1")
+
+
+@dataclass
+class LaunchConfig:
+    nnodes: int = 1
+    nproc_per_node: int = 1
+
+    def validate(self) -> None:
+        if self.nnodes < 1 or self.nproc_per_node < 1:
+            raise ValueError("nnodes and nproc_per_node must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def validate(self) -> None:
+        if not self.data.shards:
+            raise ValueError("data.shards is required")
+        if self.trainer.ema_decay and self.engine.zero_stage == 3:
+            raise ValueError("trainer.ema_decay needs the full weights on every rank: not with ZeRO stage 3")

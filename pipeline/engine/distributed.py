@@ -1,0 +1,77 @@
+"""Process-group setup from torchrun's environment, and the few collectives the loop needs.
+
+The same code runs on CPU (gloo; DeepSpeed with DS_ACCELERATOR=cpu) and on NVIDIA GPUs (nccl).
+A single process started without torchrun runs with no process group at all."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(backend: str, timeout_s: int) -> DistInfo:
+    """Joins torchrun's process group (if any) and picks this rank's device."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede DeepSpeed's import
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "deepspeed":
+        os.environ.setdefault("RANK", "0")  # DeepSpeed wants a process group even for one process
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)
+    elif world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """For each flag, whether it is set on any rank (one all-reduce for all of them)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(flags)
+    tensor = torch.tensor([float(flag) for flag in flags],
+                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in tensor.tolist()]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,63 @@
+"""The `cvae` stage: a conditional VAE on the caption, trained with the hybrid CVAE/GSNN loss."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from pipeline.data import shapes
+from pipeline.data.text import make_tokenizer
+from pipeline.engine.config import TrainConfig
+from pipeline.engine.loop import exit_code, train
+from pipeline.models.cvae import CVAE, CVAEConfig
+
+OUTPUT = "trainer.out_dir"
+HELDOUT_SEED = 1000  # the seed of configs/shards/shapes-heldout.yaml: captions never trained on
+
+
+@dataclass
+class Config(TrainConfig):
+    model: CVAEConfig = field(default_factory=CVAEConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.model.image_size != self.data.resolution:
+            raise ValueError(f"model.image_size ({self.model.image_size}) must equal data.resolution "
+                             f"({self.data.resolution})")
+        if not self.data.tokenizer:
+            raise ValueError("the CVAE is conditioned on captions: set data.tokenizer (e.g. open_clip:ViT-B-32)")
+        if self.data.text_length > self.model.text.max_length:
+            raise ValueError(f"data.text_length ({self.data.text_length}) exceeds model.text.max_length "
+                             f"({self.model.text.max_length})")
+
+
+def heldout_captions(count: int, resolution: int) -> list[str]:
+    """Single-shape captions from the held-out seed, distinct, in a fixed order."""
+    captions: list[str] = []
+    index = 0
+    while len(captions) < count:
+        caption = shapes.generate(index, HELDOUT_SEED, resolution, max_shapes=1).caption
+        if caption not in captions:
+            captions.append(caption)
+        index += 1
+    return captions
+
+
+def build_model(cfg: Config) -> nn.Module:
+    return CVAE(cfg.model)
+
+
+def draw_images(cfg: Config, model: CVAE, batch: dict) -> dict[str, torch.Tensor]:
+    """Reconstructions, and for 8 held-out captions 4 samples each (one caption per column)."""
+    originals, tokens = batch["image"][:8], batch["tokens"][:8]
+    captions = heldout_captions(8, cfg.data.resolution)
+    held_tokens = make_tokenizer(cfg.data.tokenizer, cfg.data.text_length)(captions).to(originals.device)
+    generator = torch.Generator(originals.device).manual_seed(0)
+    samples = torch.cat([model.sample(held_tokens, generator) for _ in range(4)])
+    return {"reconstructions": torch.cat([originals, model.reconstruct(originals, tokens)]), "samples": samples}
+
+
+def run(cfg: Config) -> int:
+    return exit_code(train(cfg, build_model, partial(draw_images, cfg)))

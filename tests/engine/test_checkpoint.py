@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.engine.checkpoint import MARKER, Checkpointer, committed, latest, step_of
+from pipeline.engine.distributed import DistInfo
+
+ONE_PROCESS = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def _writer(value: int):
+    def write(folder: Path) -> None:
+        torch.save({"value": value}, folder / "rank-0.pt")
+    return write
+
+
+def test_a_committed_checkpoint_has_its_marker_and_loads(tmp_path):
+    checkpoints = Checkpointer(tmp_path, keep=2, dist=ONE_PROCESS)
+    folder = checkpoints.save(10, _writer(10))
+    assert folder.name == "step-00000010" and (folder / MARKER).exists()
+    assert latest(tmp_path) == folder and step_of(folder) == 10
+    assert torch.load(folder / "rank-0.pt", weights_only=True) == {"value": 10}
+
+
+def test_a_save_killed_part_way_leaves_the_previous_checkpoint_and_nothing_under_the_final_name(tmp_path):
+    checkpoints = Checkpointer(tmp_path, keep=1, dist=ONE_PROCESS)
+    checkpoints.save(10, _writer(10))
+
+    def dies_half_way(folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"half a file")
+        raise KeyboardInterrupt  # stands for the process being killed here
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save(20, dies_half_way)
+    assert not (tmp_path / "step-00000020").exists()
+    assert latest(tmp_path).name == "step-00000010"  # keep=1, yet the last good one survives
+    assert torch.load(latest(tmp_path) / "rank-0.pt", weights_only=True) == {"value": 10}
+    checkpoints.save(30, _writer(30))  # the next save clears the leftover
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["step-00000030"]
+
+
+def test_a_folder_without_its_marker_is_never_resumed(tmp_path):
+    Checkpointer(tmp_path, keep=3, dist=ONE_PROCESS).save(5, _writer(5))
+    unmarked = tmp_path / "step-00000009"
+    unmarked.mkdir()
+    assert latest(tmp_path).name == "step-00000005"
+
+
+def test_retention_keeps_the_newest(tmp_path):
+    checkpoints = Checkpointer(tmp_path, keep=2, dist=ONE_PROCESS)
+    for step in (1, 2, 3, 4):
+        checkpoints.save(step, _writer(step))
+    assert [path.name for path in committed(tmp_path)] == ["step-00000003", "step-00000004"]

@@ -1,0 +1,43 @@
+"""Two real processes under torchrun, on CPU with gloo, for both back ends."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.engine.checkpoint import latest, step_of
+from tests.engine.conftest import toy_overrides
+
+
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "pipeline.cli", "stage", "tests.engine.toy_stage", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def _optimizer_steps(checkpoint, backend: str) -> int:
+    if backend == "accelerate":
+        state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+        return int(state[0]["step"])
+    # DeepSpeed's own file; it is not ours to load with weights_only
+    model_states = torch.load(checkpoint / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)
+    return int(model_states["global_steps"])
+
+
+@pytest.mark.parametrize("backend,extra", [("accelerate", {}), ("deepspeed", {"engine.zero_stage": 2})])
+def test_two_processes_train_and_a_nan_on_one_rank_is_skipped_on_both(shapes_shards, tmp_path, backend, extra):
+    out = tmp_path / backend
+    result = _torchrun(toy_overrides(shapes_shards, out, **{
+        "engine.backend": backend, **extra, "trainer.max_steps": 4, "model.nan_on_rank": 1,
+        "model.nan_at_call": 3}))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checkpoint = latest(out / "checkpoints")
+    assert step_of(checkpoint) == 4 and (out / "final" / "model.safetensors").exists()
+    for rank in (0, 1):
+        state = torch.load(checkpoint / f"rank-{rank}.pt", weights_only=True)
+        assert state["nonfinite"] == 1 and state["step"] == 4
+        assert state["loader"]["consumed"] == 5  # five micro-batches read, one of them dropped
+    assert _optimizer_steps(checkpoint, backend) == 4  # the dropped one never reached the weights
+    if backend == "deepspeed":
+        assert sorted(path.name for path in (checkpoint / "deepspeed").glob("zero_pp_rank_*")) == [
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]

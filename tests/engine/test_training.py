@@ -1,0 +1,87 @@
+"""The loop in one process: finishing, resuming after kill -9, preemption by signal."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from pipeline.config import load_config
+from pipeline.engine.checkpoint import latest, step_of
+from pipeline.engine.loop import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
+from tests.engine import toy_stage
+from tests.engine.conftest import toy_overrides
+
+STAGE = "tests.engine.toy_stage"
+
+
+def _stage(args: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "stage", STAGE, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _weights(out: Path) -> dict:
+    return safetensors.torch.load_file(out / "final" / "model.safetensors")
+
+
+def test_a_finished_run_leaves_weights_config_images_and_metrics(shapes_shards, tmp_path):
+    cfg = load_config(toy_stage.Config, None, toy_overrides(shapes_shards, tmp_path / "run", **{"trainer.max_steps": 6}))
+    assert toy_stage.run(cfg) == 0
+    out = tmp_path / "run"
+    assert set(_weights(out)) == {"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"}
+    assert load_config(toy_stage.Config, out / "config.yaml") == cfg
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "mse", "lr", "grad_norm", "samples_per_s", "data_wait_fraction"} <= set(lines[0])
+    assert json.loads((out / "final" / "metrics.json").read_text())["step"] == 6
+    assert list((out / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill_9_and_resume_gives_the_parameters_of_an_uninterrupted_run(shapes_shards, tmp_path, workers):
+    n = 6
+    common = {"data.num_workers": workers, "data.batch_size": 4}  # 24 batches per epoch: resume crosses none
+    straight = tmp_path / "straight"
+    assert _stage(toy_overrides(shapes_shards, straight, **common, **{"trainer.max_steps": 2 * n})).wait() == 0
+
+    killed = tmp_path / "killed"
+    slow = toy_overrides(shapes_shards, killed, **common, **{"trainer.max_steps": 2 * n, "trainer.save_every": n,
+                                                              "model.sleep_s": 0.3})
+    process = _stage(slow)
+    deadline = time.time() + 120
+    while latest(killed / "checkpoints") is None:
+        assert process.poll() is None and time.time() < deadline, process.stdout.read()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert step_of(latest(killed / "checkpoints")) == n and not (killed / "final").exists()
+
+    resumed = _stage(toy_overrides(shapes_shards, killed, **common, **{"trainer.max_steps": 2 * n}))
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0, output
+    assert f"resumed from {killed / 'checkpoints' / f'step-{n:08d}'}" in output
+    expected, got = _weights(straight), _weights(killed)
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+def test_sigusr1_inside_a_step_checkpoints_that_step_exits_preempted_and_resumes_there(shapes_shards, tmp_path):
+    out = tmp_path / "run"
+    args = toy_overrides(shapes_shards, out, **{"trainer.max_steps": 10, "trainer.save_every": 100,
+                                                "model.signal_at_call": 4})
+    process = _stage(args)
+    output = process.communicate()[0]
+    assert process.returncode == PREEMPTED_EXIT_CODE, output
+    assert step_of(latest(out / "checkpoints")) == 4  # the step the signal arrived in, completed
+    assert (out / PREEMPTED_MARKER).exists() and not (out / "final").exists()
+
+    resumed = _stage(toy_overrides(shapes_shards, out, **{"trainer.max_steps": 10, "trainer.save_every": 100}))
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0, output
+    assert "(step 4)" in output and not (out / PREEMPTED_MARKER).exists()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))  # no step trained twice, none missing

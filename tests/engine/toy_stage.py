@@ -1,0 +1,56 @@
+"""A tiny training stage for engine tests, with knobs to inject a NaN loss or a signal."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pipeline.engine.config import TrainConfig
+from pipeline.engine.loop import exit_code, train
+
+OUTPUT = "trainer.out_dir"
+
+
+@dataclass
+class ToyModelConfig:
+    width: int = 8
+    nan_on_rank: int = -1  # this rank's loss is NaN at call `nan_at_call`
+    nan_at_call: int = -1
+    signal_at_call: int = -1  # the model sends SIGUSR1 to its own process during this call
+    sleep_s: float = 0.0  # slows each step, so a test can kill the run between checkpoints
+
+
+@dataclass
+class Config(TrainConfig):
+    model: ToyModelConfig = field(default_factory=ToyModelConfig)
+
+
+class ToyModel(nn.Module):
+    def __init__(self, cfg: ToyModelConfig, image_size: int) -> None:
+        super().__init__()
+        self.cfg, self.calls = cfg, 0
+        pixels = 3 * 8 * 8
+        self.pool = nn.AdaptiveAvgPool2d(8)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(pixels, cfg.width), nn.Tanh(), nn.Linear(cfg.width, pixels))
+
+    def forward(self, batch: dict) -> dict:
+        self.calls += 1
+        target = self.pool(batch["image"])
+        noisy = target + 0.1 * torch.randn_like(target)  # uses the RNG, so resume must restore it
+        error = (self.net(noisy).view_as(target) - target).pow(2).flatten(1).mean(1)
+        valid = batch["valid"].float()
+        loss = (error * valid).sum() / valid.sum().clamp(min=1)
+        if self.calls == self.cfg.nan_at_call and int(os.environ.get("RANK", 0)) == self.cfg.nan_on_rank:
+            loss = loss * float("nan")
+        if self.calls == self.cfg.signal_at_call:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(self.cfg.sleep_s)
+        return {"loss": loss, "mse": loss.detach()}
+
+
+def run(cfg: Config) -> int:
+    return exit_code(train(cfg, lambda c: ToyModel(c.model, c.data.resolution)))
