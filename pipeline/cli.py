@@ -38,15 +38,34 @@ def _stage(args: argparse.Namespace) -> int:
 
     module = load_stage(args.stage)
     cfg = load_config(module.Config, args.config, args.overrides)
-    dump_config(cfg, f"{_output_folder(cfg, module.OUTPUT)}/config.yaml")
+    return _run_stage(module, cfg)
+
+
+def _run_stage(module, cfg) -> int:
+    import os
+
+    if int(os.environ.get("RANK", 0)) == 0:
+        value = cfg
+        for part in module.OUTPUT.split("."):
+            value = getattr(value, part)
+        dump_config(cfg, f"{value}/config.yaml")
     return module.run(cfg) or 0
 
 
-def _output_folder(cfg, dotted: str) -> str:
-    value = cfg
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
+def _train(args: argparse.Namespace) -> int:
+    """One stage, under torchrun when its launch config asks for several processes."""
+    import os
+    import subprocess
+
+    from pipeline.launch.local import stage_command
+    from stages import load_stage
+
+    module = load_stage(args.stage)
+    cfg = load_config(module.Config, args.config, args.overrides)  # errors before any process starts
+    launch = getattr(cfg, "launch", None)
+    if launch is None or launch.nproc_per_node == 1 or "LOCAL_RANK" in os.environ:
+        return _run_stage(module, cfg)
+    return subprocess.call(stage_command(args.stage, args.config, args.overrides, cfg))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -86,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("-c", "--config", help="the stage's YAML config")
     stage.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     stage.set_defaults(handler=_stage)
+
+    train = commands.add_parser("train", help="train one stage (under torchrun when launch.nproc_per_node > 1)")
+    train.add_argument("stage", help="stage name, e.g. vae, cvae, or a module path of your own stage")
+    train.add_argument("-c", "--config", help="the stage's YAML config")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    train.set_defaults(handler=_train)
 
     run = commands.add_parser("run", help="run a pipeline's stages on this machine")
     run.add_argument("pipeline", help="pipeline YAML, e.g. configs/pipelines/demo.yaml")

@@ -1,8 +1,11 @@
 """The `cvae` stage: a conditional VAE on the caption, trained with the hybrid CVAE/GSNN loss."""
 from __future__ import annotations
 
+import html
+import os
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,4 +63,9 @@ def draw_images(cfg: Config, model: CVAE, batch: dict) -> dict[str, torch.Tensor
 
 
 def run(cfg: Config) -> int:
-    return exit_code(train(cfg, build_model, partial(draw_images, cfg)))
+    code = exit_code(train(cfg, build_model, partial(draw_images, cfg)))
+    if int(os.environ.get("RANK", 0)) == 0:  # the report's note on what the sample grid shows
+        captions = "".join(f"<li>{html.escape(caption)}</li>" for caption in heldout_captions(8, cfg.data.resolution))
+        Path(cfg.trainer.out_dir, "report.html").write_text(
+            f"<p>samples: one held-out caption per column, left to right:</p><ol>{captions}</ol>")
+    return code

@@ -54,6 +54,7 @@ class EngineConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     activation_checkpointing: bool = False  # models that support it recompute activations in backward
     timeout_s: int = 600  # a collective waiting longer than this fails the run instead of hanging
+    cpu_threads: int = 0  # torch threads per process on CPU; 0: this node's cores shared out, data workers counted
 
     def validate(self) -> None:
         if not 0 <= self.zero_stage <= 3:

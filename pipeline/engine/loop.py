@@ -12,6 +12,7 @@ and continues with the next step and the next unseen batch; a finished OUT_DIR i
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import time
@@ -85,6 +86,8 @@ class _Run:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.out / "config.yaml")
         _seed_everything(cfg.trainer.seed + dist.rank, cfg.trainer.deterministic)
+        if dist.device.type == "cpu":
+            torch.set_num_threads(_cpu_threads(cfg))
         model = build_model(cfg).to(dist.device)
         self.backend = make_backend(model, cfg, dist)
         self.ema = (AveragedModel(self.backend.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema_decay),
@@ -206,6 +209,15 @@ class _Run:
             (final / "metrics.json").write_text(json.dumps(metrics, indent=1))
             final.replace(self.out / "final")
         barrier()
+
+
+def _cpu_threads(cfg: TrainConfig) -> int:
+    """Intra-op threads for one training process on CPU. More threads than free cores make
+    OpenMP's spinning threads wait on each other: a step can get ten times slower."""
+    if cfg.engine.cpu_threads:
+        return cfg.engine.cpu_threads
+    cores = len(os.sched_getaffinity(0)) // cfg.launch.nproc_per_node
+    return max(1, cores - cfg.data.num_workers)
 
 
 def _nonfinite_anywhere(loss: torch.Tensor) -> bool:

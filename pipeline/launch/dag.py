@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ from typing import Any
 from pipeline.config import ConfigError, config_hash, load_config
 from stages import load_stage
 
-COMPLETE_MARKER = ".t2i-complete"
+COMPLETE_MARKER = ".t2i-complete"  # holds the hash of the finished job
+STARTED_MARKER = ".t2i-started"  # holds the hash of the job whose outputs the folder holds
 
 
 @dataclass
@@ -60,14 +62,23 @@ class Job:
     hash: str
 
     def is_complete(self) -> bool:
-        marker = self.out_dir / COMPLETE_MARKER
-        return marker.exists() and marker.read_text().strip() == self.hash
+        return _read(self.out_dir / COMPLETE_MARKER) == self.hash
+
+    def prepare(self, fresh: bool) -> None:
+        """Readies the output folder: an unfinished run of the same hash is kept, to be resumed;
+        one of another hash (or any, when `fresh`) is deleted first."""
+        if self.out_dir.exists() and (fresh or _read(self.out_dir / STARTED_MARKER) != self.hash):
+            shutil.rmtree(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+        (self.out_dir / STARTED_MARKER).write_text(self.hash + "\n")
 
     def mark_complete(self) -> None:
         (self.out_dir / COMPLETE_MARKER).write_text(self.hash + "\n")
 
-    def clear_complete(self) -> None:
-        (self.out_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+
+def _read(path: Path) -> str | None:
+    return path.read_text().strip() if path.exists() else None
 
 
 def load_pipeline(path: str | os.PathLike, extra_overrides: dict[str, list[str]] | None = None) -> tuple[str, list[Job]]:

@@ -7,16 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.launch.dag import Job, downstream, load_pipeline
+from pipeline.launch.dag import downstream, load_pipeline
+from pipeline.report import write_report
 
 
-def stage_command(job: Job) -> list[str]:
-    """The command that runs one job: python for a one-process stage, torchrun for several."""
-    args = ["-m", "pipeline.cli", "stage", job.stage]
-    if job.config_path:
-        args += ["-c", job.config_path]
-    args += job.overrides
-    launch = getattr(job.cfg, "launch", None)
+def stage_command(stage: str, config_path: str | None, overrides: list[str], cfg) -> list[str]:
+    """The command that runs one stage: python for a one-process stage, torchrun with the
+    config's process count for several."""
+    args = ["-m", "pipeline.cli", "stage", stage, *(["-c", config_path] if config_path else []), *overrides]
+    launch = getattr(cfg, "launch", None)
     if launch is not None and launch.nproc_per_node > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={launch.nproc_per_node}", *args]
@@ -33,17 +32,17 @@ def run_pipeline(path: str | os.PathLike, from_stage: str | None = None) -> int:
         if job.name not in forced and job.is_complete():
             print(f"[{name}] {job.name}: complete, skipped ({job.out_dir})", flush=True)
             continue
-        job.out_dir.mkdir(parents=True, exist_ok=True)
-        job.clear_complete()
+        job.prepare(fresh=job.name in forced)
         log = job.out_dir / "log.txt"
-        command = stage_command(job)
+        command = stage_command(job.stage, job.config_path, job.overrides, job.cfg)
         print(f"[{name}] {job.name}: {shlex.join(command)}\n[{name}] {job.name}: log {log}", flush=True)
         code = _run_logged(command, log)
         if code != 0:
             print(f"[{name}] {job.name}: FAILED with exit code {code}; log: {log}", file=sys.stderr, flush=True)
             return code
         job.mark_complete()
-    print(f"[{name}] all {len(jobs)} stages complete", flush=True)
+    report = write_report(name, jobs, jobs[0].out_dir.parent / "report.html")
+    print(f"[{name}] all {len(jobs)} stages complete; report: {report}", flush=True)
     return 0
 
 

@@ -83,12 +83,9 @@ class CVAE(nn.Module):
                 "psnr": psnr(x, x_cvae, valid)}
 
     @torch.no_grad()
-    def reconstruct(self, images: Tensor, tokens: Tensor | None = None) -> Tensor:
-        """Decode the mean of q(z|x,y); (B, 3, R, R) in [-1, 1]. The recognition network needs the
-        caption: without `tokens` it is conditioned on an empty (all-padding) caption, which
-        training never sees, so pass the batch's tokens whenever there are any."""
-        if tokens is None:
-            tokens = torch.zeros(len(images), 1, dtype=torch.long, device=images.device)
+    def reconstruct(self, images: Tensor, tokens: Tensor) -> Tensor:
+        """Decode the mean of q(z|x,y) for images (B, 3, R, R) and their captions' tokens (B, L);
+        (B, 3, R, R) in [-1, 1]. Unlike the VAE's, it needs the captions: q is conditioned on y."""
         y = self.text(tokens)
         return self.generator(self.recognition(images, y)[0], y).clamp(-1, 1)
 
@@ -97,5 +94,5 @@ class CVAE(nn.Module):
         """One image per caption, (n, 3, R, R) in [-1, 1], from z ~ p(z|y) for tokens (n, L)."""
         y = self.text(tokens)
         mu_p, logvar_p = self.prior(y)
-        eps = standard_normal(tuple(mu_p.shape), mu_p.device, generator)
-        return self.generator(mu_p + (0.5 * logvar_p).exp() * eps, y).clamp(-1, 1)
+        z = reparameterise(mu_p, logvar_p, standard_normal(tuple(mu_p.shape), mu_p.device, generator))
+        return self.generator(z, y).clamp(-1, 1)

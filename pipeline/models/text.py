@@ -36,8 +36,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         padding = tokens == 0  # (B, L)
-        # Position 0 is open_clip's start token in any real caption; keeping it unmasked gives an
-        # all-padding row (an empty padding sample) a finite embedding instead of NaN attention.
+        # Position 0 holds a real token (open_clip's start token) in any tokenized caption; keeping it
+        # unmasked gives an all-padding row a finite embedding instead of NaN attention.
         padding[:, 0] = False
         h = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # (B, L, W)
         h = self.norm(self.transformer(h, src_key_padding_mask=padding))  # (B, L, W)

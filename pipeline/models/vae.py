@@ -47,9 +47,10 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None = None,
                   - 1).sum(1)
 
 
-def reparameterise(mu: Tensor, logvar: Tensor) -> Tensor:
-    """One sample of N(mu, exp(logvar)) that is differentiable in mu and logvar."""
-    return mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+def reparameterise(mu: Tensor, logvar: Tensor, eps: Tensor | None = None) -> Tensor:
+    """z = mu + exp(0.5 * logvar) * eps, a sample of N(mu, exp(logvar)) differentiable in mu and
+    logvar; eps is a fresh N(0, I) draw unless given."""
+    return mu + (0.5 * logvar).exp() * (torch.randn_like(mu) if eps is None else eps)
 
 
 def standard_normal(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> Tensor:
@@ -69,8 +70,7 @@ def reconstruction_nll(x: Tensor, x_hat: Tensor, kind: str, sigma: float) -> Ten
 
 
 def valid_mean(values: Tensor, valid: Tensor) -> Tensor:
-    """Mean of per-sample `values` (B,) over samples whose `valid` is True; 0 for none. Padding
-    samples never reach the result, even when their values are not finite."""
+    """Mean of per-sample `values` (B,) over samples whose `valid` is True; 0 when none is."""
     return torch.where(valid, values, 0).sum() / valid.sum().clamp(min=1)
 
 
@@ -82,7 +82,7 @@ def psnr(x: Tensor, x_hat: Tensor, valid: Tensor) -> Tensor:
 
 
 def conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    """3x3 conv + GroupNorm + SiLU; stride 2 halves the resolution."""
+    """3x3 conv + GroupNorm (up to 8 groups that divide c_out) + SiLU; stride 2 halves the resolution."""
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1),
                          nn.GroupNorm(math.gcd(8, c_out), c_out), nn.SiLU())
 
