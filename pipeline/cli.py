@@ -74,6 +74,24 @@ def _run(args: argparse.Namespace) -> int:
     return run_pipeline(args.pipeline, from_stage=args.from_stage)
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from pipeline.launch.slurm import submit
+
+    return submit(args.pipeline, dry_run=args.dry_run)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipeline.launch.slurm import print_status
+
+    return print_status(args.run)
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from pipeline.launch.slurm import cancel
+
+    return cancel(args.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i", description="Train text-to-image models as a pipeline of stages.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("pipeline", help="pipeline YAML, e.g. configs/pipelines/demo.yaml")
     run.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run STAGE and everything after it")
     run.set_defaults(handler=_run)
+
+    submit = commands.add_parser("submit", help="submit a pipeline's stages as SLURM jobs, chained by dependency")
+    submit.add_argument("pipeline", help="pipeline YAML")
+    submit.add_argument("--dry-run", action="store_true", help="print the job scripts; submit nothing")
+    submit.set_defaults(handler=_submit)
+
+    status = commands.add_parser("status", help="one line per stage of a submitted run")
+    status.add_argument("run", help="the run folder, e.g. runs/demo")
+    status.set_defaults(handler=_status)
+
+    cancel = commands.add_parser("cancel", help="cancel a submitted run's jobs")
+    cancel.add_argument("run", help="the run folder, e.g. runs/demo")
+    cancel.set_defaults(handler=_cancel)
     return parser
 
 

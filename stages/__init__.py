@@ -22,7 +22,10 @@ def load_stage(name: str) -> ModuleType:
     """The module of stage `name`, or of an importable module path holding a stage of your own
     (`mypackage.my_stage`); a ValueError naming the nearest stage for a typo."""
     if "." in name:
-        return importlib.import_module(name)
+        try:
+            return importlib.import_module(name)
+        except ImportError as error:
+            raise ValueError(f"cannot import stage module {name!r}: {error}") from None
     if name not in STAGES:
         near = difflib.get_close_matches(name, STAGES, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""

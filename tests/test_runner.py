@@ -19,7 +19,7 @@ stages:
     stage: tests.engine.toy_stage
     needs: [data]
     overrides: ["data.shards=${{data}}", data.resolution=32, data.batch_size=8, data.num_workers=0,
-                trainer.max_steps={steps}]
+                trainer.max_steps={steps}, trainer.log_every=1]
   second:
     stage: tests.engine.toy_stage
     needs: [first, data]

@@ -205,7 +205,7 @@ def _to_uint8_hwc(image: Any) -> np.ndarray:
 
 
 def _hue(rgb: np.ndarray) -> np.ndarray:
-    """Hue in degrees [0, 360) of float RGB values (any leading shape)."""
+    """Hue angle in degrees [0, 360) of float RGB values, close to HSV hue (any leading shape)."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     return np.degrees(np.arctan2(np.sqrt(3.0) * (g - b), 2.0 * r - g - b)) % 360.0
 
@@ -256,18 +256,17 @@ def _largest_component(mask: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 def _classify(runs: list[tuple[int, int, int]]) -> str:
-    """Circle, square or up-pointing triangle from the region's pixel moments and bounding box.
+    """Circle, square or up-pointing triangle from the region's pixel moments about its centroid.
 
-    A triangle holds most of its mass low down: its rows are skewed (ideally -0.57, others 0).
-    A square fills its corners: high fill ratio (1.0 vs 0.785) and mass on the diagonals, where
-    the fourfold harmonic r^4 cos(4 theta) is negative (ideally -0.6 of its scale, circle 0).
-    Summing both keeps them apart even at 9-12 px, where JPEG rounds a square's corners.
+    Moments average over all pixels, so JPEG's edge pixels barely move them (at 9-12 px they
+    swing a bounding-box fill ratio across the circle/square line). A triangle's rows are skewed
+    (ideally -0.57, others 0); a square's diagonal corners make the fourfold harmonic
+    r^4 cos(4 theta) negative (ideally -0.6 of its scale, a circle's 0).
     """
     ys = np.concatenate([np.full(end - start, row) for row, start, end in runs]).astype(float)
     xs = np.concatenate([np.arange(start, end) for _, start, end in runs]).astype(float)
     x, y = xs - xs.mean(), ys - ys.mean()
     if (y**3).mean() / max((y**2).mean(), 1e-9) ** 1.5 < -0.18:
         return "triangle"
-    fill = len(xs) / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1))
     fourfold = (x**4 - 6 * x**2 * y**2 + y**4).mean() / max((x**2 + y**2).mean(), 1e-9) ** 2
-    return "square" if fill - fourfold > 0.9 else "circle"  # square ~1.6, circle ~0.8
+    return "square" if fourfold < -0.18 else "circle"

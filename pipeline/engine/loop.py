@@ -87,7 +87,9 @@ class _Run:
             dump_config(cfg, self.out / "config.yaml")
         _seed_everything(cfg.trainer.seed + dist.rank, cfg.trainer.deterministic)
         if dist.device.type == "cpu":
-            torch.set_num_threads(_cpu_threads(cfg))
+            threads = _cpu_threads(cfg)
+            os.environ["OMP_NUM_THREADS"] = str(threads)  # else accelerate sets its own count over ours
+            torch.set_num_threads(threads)
         model = build_model(cfg).to(dist.device)
         self.backend = make_backend(model, cfg, dist)
         self.ema = (AveragedModel(self.backend.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema_decay),

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 class Monitor:
     def __init__(self, out_dir: Path, enabled: bool, max_steps: int, start_step: int, log_every: int) -> None:
-        self.out_dir, self.enabled, self.log_every = out_dir, enabled, log_every
+        self.out_dir, self.enabled, self.log_every, self.max_steps = out_dir, enabled, log_every, max_steps
         self._sums: dict[str, float] = {}
         self._count = 0
         self._samples = 0
@@ -28,7 +28,7 @@ class Monitor:
             self.metrics = open(out_dir / "metrics.jsonl", "a")
 
     def step(self, step: int, outputs: dict[str, torch.Tensor], samples: int, data_wait: float, extra: dict) -> None:
-        """Records one optimizer step; every `log_every` steps writes the window's means."""
+        """Records one optimizer step; every `log_every` steps and at the last writes the window's means."""
         if not self.enabled:
             return
         for key, value in outputs.items():
@@ -38,7 +38,7 @@ class Monitor:
         self._samples += samples
         self._data_wait += data_wait
         self.bar.update(1)
-        if step % self.log_every:
+        if step % self.log_every and step != self.max_steps:
             return
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         scalars = {key: total / self._count for key, total in self._sums.items()}

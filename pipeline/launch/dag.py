@@ -47,6 +47,11 @@ class PipelineFile:
     name: str = ""
     out_dir: str = "runs"
 
+    def validate(self) -> None:
+        for name in (self.name, *self.stages):
+            if "/" in name or name in (".", ".."):
+                raise ValueError(f"pipeline and stage names become folder names: {name!r} cannot be one")
+
 
 @dataclass
 class Job:

@@ -102,8 +102,9 @@ def test_oracle_reads_back_jpeg_images():
                 seen_shape[pair[1]] += 1
                 per_colour[pair[0]] += pair in read
                 per_shape[pair[1]] += pair in read
-    accuracy = exact[True] / sum(exact.values())
-    print(f"oracle exact-set accuracy after JPEG q95: {accuracy:.4f} over {sum(exact.values())} images")
+    images = sum(exact.values())
+    accuracy = exact[True] / images
+    print(f"oracle exact-set accuracy after JPEG q95: {accuracy:.4f} over {images} images")
     assert accuracy >= 0.99
     for colour, count in seen_colour.items():
         assert per_colour[colour] / count >= 0.99, colour

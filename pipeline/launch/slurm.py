@@ -1,0 +1,198 @@
+"""`t2i submit | status | cancel`: a pipeline as SLURM jobs, one `sbatch` per stage, chained
+with `--dependency=afterok`.
+
+Each job script is saved as `runs/PIPELINE/slurm/STAGE.sbatch` and reads like one a person would
+write. Every value that comes from a config is quoted for the shell (`shlex.quote`): a path or
+name with spaces, quotes, `;` or `$(...)` is data, never a command. The job asks for `--requeue`
+and for SIGUSR1 `launch.signal_grace_s` seconds before its time limit; on that signal (or a plain
+`scontrol requeue`, which sends SIGTERM) the stage checkpoints at the next step boundary and the
+job requeues itself; the requeued job resumes from the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.engine.checkpoint import latest, step_of
+from pipeline.engine.config import LaunchConfig
+from pipeline.engine.loop import PREEMPTED_MARKER
+from pipeline.launch.dag import COMPLETE_MARKER, Job, load_pipeline
+
+JOBS_FILE = "jobs.json"
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:,=@%+/\-]*$")
+
+
+def job_script(job: Job, pipeline_name: str, workdir: Path) -> str:
+    """The sbatch script for one job."""
+    launch: LaunchConfig = getattr(job.cfg, "launch", None) or LaunchConfig()
+    out = job.out_dir.resolve()
+    directives = [
+        f"--job-name={_directive(f't2i-{pipeline_name}-{job.name}')}",
+        f"--output={_directive(str(out / 'slurm-%j.out'))}",
+        "--open-mode=append",
+        f"--nodes={launch.nnodes}",
+        "--ntasks-per-node=1",  # one launcher per node; it starts nproc_per_node processes
+        f"--cpus-per-task={launch.cpus_per_task}",
+        f"--time={_directive(launch.time)}",
+        "--requeue",
+        f"--signal=B:USR1@{launch.signal_grace_s}",
+        "--kill-on-invalid-dep=yes",  # a job whose input failed is cancelled, not left pending
+    ]
+    directives += [f"--gpus-per-node={launch.gpus_per_node}"] * (launch.gpus_per_node > 0)
+    directives += [f"--{key}={_directive(value)}" for key, value in
+                   (("mem", launch.mem), ("partition", launch.partition), ("account", launch.account),
+                    ("qos", launch.qos)) if value]
+    directives += [_directive(option) for option in launch.sbatch_extra]
+    stage_args = ["stage", job.stage, *(["-c", str(Path(job.config_path).resolve())] if job.config_path else []),
+                  *job.overrides]
+    launcher = [sys.executable, "-m", "pipeline.launch.node", f"--nproc-per-node={launch.nproc_per_node}",
+                f"--grace={launch.signal_grace_s}", "--", *stage_args]
+    lines = [
+        "#!/bin/bash",
+        f"# t2i: stage {job.name!r} of pipeline {pipeline_name!r}, written by `t2i submit`.",
+        *(f"#SBATCH {directive}" for directive in directives),
+        "",
+        "set -uo pipefail",
+        f"cd {shlex.quote(str(workdir))}",
+        *([f"source {shlex.quote(launch.site_hook)}"] if launch.site_hook else []),
+        f"out={shlex.quote(str(out))}",
+        'echo "t2i: job $SLURM_JOB_ID start $(date +%s.%N) restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',
+        "",
+        "# One launcher per node (pipeline/launch/node.py) starts torchrun with the rendezvous on the",
+        "# allocation's first node. SLURM's warning signal (B:USR1) reaches this shell only: pass it on;",
+        "# the stage checkpoints at its next step boundary and leaves $out/PREEMPTED.",
+        f"srun --nodes={launch.nnodes} --ntasks-per-node=1 --kill-on-bad-exit=1 {shlex.join(launcher)} &",
+        "step=$!",
+        'trap \'echo "t2i: USR1: time limit near, checkpointing"; kill -USR1 "$step"\' USR1',
+        'wait "$step"; code=$?',
+        'while kill -0 "$step" 2>/dev/null; do wait "$step"; code=$?; done  # wait again after a trap',
+        "",
+        f'if [ -e "$out/{PREEMPTED_MARKER}" ]; then',
+        '    echo "t2i: checkpointed; requeueing job $SLURM_JOB_ID"',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "    exit 0",
+        "fi",
+        'if [ "$code" -eq 0 ]; then',
+        f"    printf '%s\\n' {shlex.quote(job.hash)} > \"$out/{COMPLETE_MARKER}\"",
+        "fi",
+        'echo "t2i: job $SLURM_JOB_ID end $(date +%s.%N) exit $code"',
+        'exit "$code"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _directive(value: str) -> str:
+    """A value for an `#SBATCH` line, which sbatch reads without a shell: plain values as they
+    are, others in double quotes; a double quote or newline cannot be expressed and is refused."""
+    if _SAFE_VALUE.match(value):
+        return value
+    if '"' in value or "\n" in value or "\\" in value:
+        raise ValueError(f"cannot pass {value!r} to sbatch: it contains a double quote, backslash or newline")
+    key, sep, rest = value.partition("=")
+    return f'{key}="{rest}"' if sep and key.startswith("--") else f'"{value}"'
+
+
+def submit(pipeline: str | Path, dry_run: bool = False) -> int:
+    """Submits the pipeline's incomplete stages; prints the scripts instead with `dry_run`."""
+    name, jobs = load_pipeline(pipeline)
+    workdir = Path.cwd().resolve()
+    root = jobs[0].out_dir.parent
+    record = _read_record(root)
+    submitted: dict[str, str] = {}
+    for job in jobs:
+        if job.is_complete():
+            print(f"{job.name}: complete, not submitted ({job.out_dir})")
+            continue
+        script = job_script(job, name, workdir)
+        dependencies = [submitted[need] for need in job.needs if need in submitted]
+        options = [f"--dependency=afterok:{':'.join(dependencies)}"] if dependencies else []
+        if dry_run:
+            print(f"# sbatch {shlex.join(options)} {job.name}.sbatch\n{script}")
+            submitted[job.name] = f"<{job.name}>"
+            continue
+        job.prepare(fresh=False)
+        path = root / "slurm" / f"{job.name}.sbatch"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(script)
+        result = subprocess.run(["sbatch", "--parsable", *options, str(path)], capture_output=True, text=True)
+        if result.returncode != 0:
+            _write_record(root, record)
+            raise RuntimeError(f"sbatch failed for stage {job.name}: {result.stderr.strip()}")
+        submitted[job.name] = result.stdout.strip().split(";")[0]
+        record[job.name] = {"job": submitted[job.name], "script": str(path), "out_dir": str(job.out_dir.resolve()),
+                            "needs": job.needs}
+        print(f"{job.name}: submitted job {submitted[job.name]}"
+              f"{' after ' + ', '.join(job.needs) if dependencies else ''}")
+    if not dry_run:
+        _write_record(root, record)
+    return 0
+
+
+def _read_record(root: Path) -> dict:
+    path = root / "slurm" / JOBS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_record(root: Path, record: dict) -> None:
+    path = root / "slurm" / JOBS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+
+
+def stage_states(run: str | Path) -> list[dict]:
+    """For each submitted stage of a run folder: job id, state, elapsed, last checkpoint, log."""
+    root = Path(run)
+    record = _read_record(root)
+    if not record:
+        raise FileNotFoundError(f"{root}: no SLURM jobs recorded (expected {root / 'slurm' / JOBS_FILE})")
+    rows = []
+    for name, entry in record.items():
+        state, elapsed, reason = _job_state(entry["job"])
+        out = Path(entry["out_dir"])
+        if state in ("", "UNKNOWN"):
+            state = "COMPLETED" if (out / COMPLETE_MARKER).exists() else "UNKNOWN"
+        if reason in ("DependencyNeverSatisfied", "Dependency") or state == "PENDING":
+            failed = [need for need in entry["needs"] if need in record and
+                      _job_state(record[need]["job"])[0] in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")]
+            if failed:
+                state = f"{state} (dependency failed: {', '.join(failed)})"
+            elif reason == "Dependency":
+                state = "PENDING (waiting on dependency)"
+        checkpoint = latest(out / "checkpoints")
+        logs = sorted(out.glob("slurm-*.out"))
+        rows.append({"stage": name, "job": entry["job"], "state": state, "elapsed": elapsed,
+                     "checkpoint": step_of(checkpoint) if checkpoint else None,
+                     "log": str(logs[-1]) if logs else str(out / f"slurm-{entry['job']}.out")})
+    return rows
+
+
+def _job_state(job_id: str) -> tuple[str, str, str]:
+    """(state, elapsed, reason) from scontrol, or empty strings once SLURM has forgotten the job."""
+    result = subprocess.run(["scontrol", "show", "job", job_id, "-o"], capture_output=True, text=True)
+    if result.returncode != 0:
+        return "", "", ""
+    fields = dict(item.split("=", 1) for item in result.stdout.split() if "=" in item)
+    return fields.get("JobState", ""), fields.get("RunTime", ""), fields.get("Reason", "")
+
+
+def print_status(run: str | Path) -> int:
+    rows = stage_states(run)
+    width = max(len(row["stage"]) for row in rows)
+    for row in rows:
+        checkpoint = f"step {row['checkpoint']}" if row["checkpoint"] is not None else "no checkpoint"
+        print(f"{row['stage']:<{width}}  job {row['job']:<8} {row['state']:<40} {row['elapsed'] or '-':>10}  "
+              f"{checkpoint:<14} {row['log']}")
+    return 0
+
+
+def cancel(run: str | Path) -> int:
+    record = _read_record(Path(run))
+    ids = [entry["job"] for entry in record.values()]
+    if ids:
+        subprocess.run(["scancel", *ids], check=True)
+    print(f"cancelled {len(ids)} job(s): {' '.join(ids)}")
+    return 0
