@@ -1,0 +1,186 @@
+"""`t2i submit`, `status` and `cancel` on the real two-node local cluster."""
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.launch.slurm import stage_states
+
+TOY = "tests.engine.toy_stage"
+TINY_TRAIN = ("data.resolution=32, data.batch_size=8, data.num_workers=0, trainer.log_every=1, "
+              "launch.cpus_per_task=1")
+
+
+def _t2i(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+def _write_pipeline(path: Path, name: str, out_dir: Path, stages: str) -> Path:
+    path.write_text(f"name: {json.dumps(name)}\nout_dir: {json.dumps(str(out_dir))}\nstages:\n{stages}")
+    return path
+
+
+def _data_stage(count: int = 48) -> str:
+    return ("  data:\n    stage: shards\n"
+            f"    overrides: [count={count}, resolution=32, samples_per_shard=16, launch.cpus_per_task=1]\n")
+
+
+def _toy_stage(name: str, needs: list[str], extra: str = "") -> str:
+    return (f"  {name}:\n    stage: {TOY}\n    needs: {json.dumps(needs)}\n"
+            f"    overrides: [\"data.shards=${{data}}\", {TINY_TRAIN}{', ' + extra if extra else ''}]\n")
+
+
+def _submit(pipeline: Path) -> dict[str, str]:
+    result = _t2i("submit", str(pipeline))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return dict(re.findall(r"^(\S+): submitted job (\d+)", result.stdout, re.MULTILINE))
+
+
+def _wait(jobs: dict[str, str], timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs.values())],
+                                capture_output=True, text=True).stdout.split()
+        if not queued:
+            return
+        time.sleep(1)
+    subprocess.run(["scancel", *jobs.values()])
+    pytest.fail(f"jobs {jobs} still queued after {timeout} s")
+
+
+def _states(run: Path) -> dict[str, str]:
+    return {row["stage"]: row["state"] for row in stage_states(run)}
+
+
+def _times(log: Path) -> tuple[float, float]:
+    text = log.read_text()
+    return (float(re.search(r"start (\d+\.\d+)", text).group(1)),
+            float(re.findall(r"end (\d+\.\d+)", text)[-1]))
+
+
+def test_the_tiny_demo_runs_as_dependent_jobs(slurm_cluster, tmp_path):
+    stages = (_data_stage()
+              + "  vae:\n    stage: vae\n    config: configs/vae/tiny.yaml\n    needs: [data]\n"
+              f"    overrides: [\"data.shards=${{data}}\", trainer.max_steps=3, data.num_workers=0, model.channels=8,"
+              " launch.cpus_per_task=1]\n"
+              "  cvae:\n    stage: cvae\n    config: configs/cvae/tiny.yaml\n    needs: [data, vae]\n"
+              f"    overrides: [\"data.shards=${{data}}\", trainer.max_steps=3, data.num_workers=0, model.channels=8,"
+              " launch.cpus_per_task=1]\n")
+    pipeline = _write_pipeline(tmp_path / "demo.yaml", "demo", tmp_path / "runs", stages)
+    jobs = _submit(pipeline)
+    assert list(jobs) == ["data", "vae", "cvae"]
+    _wait(jobs)
+    run = tmp_path / "runs" / "demo"
+    assert set(_states(run).values()) == {"COMPLETED"}, _t2i("status", str(run)).stdout
+    for stage in ("vae", "cvae"):
+        assert (run / stage / "final" / "model.safetensors").exists()
+    logs = {stage: next((run / stage).glob("slurm-*.out")) for stage in jobs}
+    assert _times(logs["vae"])[0] >= _times(logs["data"])[1]  # started only after its input was complete
+    assert _times(logs["cvae"])[0] >= max(_times(logs["vae"])[1], _times(logs["data"])[1])
+    status = _t2i("status", str(run)).stdout
+    assert all(re.search(rf"^{stage}\s+job {jobs[stage]}\s+COMPLETED", status, re.MULTILINE) for stage in jobs)
+    again = _t2i("submit", str(pipeline))
+    assert again.stdout.count("complete, not submitted") == 3  # nothing is resubmitted
+
+
+def test_a_two_node_deepspeed_stage(slurm_cluster, tmp_path):
+    stages = _data_stage() + _toy_stage("ds", ["data"], "engine.backend=deepspeed, engine.zero_stage=2, "
+                                                        "launch.nnodes=2, trainer.max_steps=4")
+    pipeline = _write_pipeline(tmp_path / "ds.yaml", "ds", tmp_path / "runs", stages)
+    jobs = _submit(pipeline)
+    _wait(jobs)
+    out = tmp_path / "runs" / "ds" / "ds"
+    log = next(out.glob("slurm-*.out")).read_text()
+    assert _states(tmp_path / "runs" / "ds")["ds"] == "COMPLETED", log
+    assert "node node1 (node rank 0 of 2)" in log and "node node2 (node rank 1 of 2)" in log
+    assert (out / "final" / "model.safetensors").exists()
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*/rank-*.pt")) == ["rank-0.pt", "rank-1.pt"]
+
+
+def test_a_requeued_stage_resumes_from_its_checkpoint_without_training_a_step_twice(slurm_cluster, tmp_path):
+    stages = _data_stage() + _toy_stage("toy", ["data"], "trainer.max_steps=24, trainer.save_every=1000, "
+                                                         "model.sleep_s=0.4")
+    pipeline = _write_pipeline(tmp_path / "rq.yaml", "rq", tmp_path / "runs", stages)
+    jobs = _submit(pipeline)
+    out = tmp_path / "runs" / "rq" / "toy"
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 5:
+        assert time.time() < deadline, "the stage did not start training"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "requeue", jobs["toy"]], check=True)
+    _wait(jobs, timeout=400)
+    log = next(out.glob("slurm-*.out")).read_text()
+    assert _states(tmp_path / "runs" / "rq")["toy"] == "COMPLETED", log
+    assert "resumed from" in log and "restart 1" in log
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 25))  # each step once: the checkpoint was taken where the job stopped
+    assert json.loads((out / "final" / "metrics.json").read_text())["step"] == 24
+
+
+def test_a_failing_stage_stops_its_dependents_and_status_says_why(slurm_cluster, tmp_path):
+    stages = (_data_stage()
+              + _toy_stage("bad", ["data"], "model.nan_at_call=1, model.nan_on_rank=0, trainer.max_nonfinite_skips=1")
+              + _toy_stage("after", ["bad", "data"], "trainer.max_steps=2"))
+    pipeline = _write_pipeline(tmp_path / "fail.yaml", "fail", tmp_path / "runs", stages)
+    jobs = _submit(pipeline)
+    _wait(jobs)
+    run = tmp_path / "runs" / "fail"
+    states = _states(run)
+    assert states["data"] == "COMPLETED" and states["bad"] == "FAILED"
+    assert states["after"].endswith("(dependency failed: bad)")
+    assert not list((run / "after").glob("slurm-*.out"))  # it never ran
+    status = _t2i("status", str(run)).stdout
+    assert "dependency failed: bad" in status and "NonFiniteLoss" in next((run / "bad").glob("slurm-*.out")).read_text()
+
+
+def test_names_and_paths_with_spaces_and_shell_syntax_are_data(slurm_cluster, tmp_path):
+    name = "it's a $(touch t2i-canary) run; `touch t2i-canary2` & more"  # jobs run in the repository root
+    out_dir = tmp_path / "my runs $(touch t2i-canary3)"
+    stages = _data_stage(16) + _toy_stage("toy", ["data"], "trainer.max_steps=2")
+    pipeline = _write_pipeline(tmp_path / "quote.yaml", name, out_dir, stages)
+    jobs = _submit(pipeline)
+    _wait(jobs)
+    run = out_dir / name
+    assert set(_states(run).values()) == {"COMPLETED"}
+    assert (run / "toy" / "final" / "model.safetensors").exists()
+    assert not list(Path.cwd().glob("t2i-canary*")) and not list(tmp_path.glob("**/t2i-canary*"))
+
+
+def test_dry_run_is_stable_and_submits_nothing(slurm_cluster, tmp_path):
+    stages = _data_stage() + _toy_stage("toy", ["data"], "launch.nnodes=2, launch.partition=debug, "
+                                                         '"launch.sbatch_extra=[--comment=t2i test]"')
+    pipeline = _write_pipeline(tmp_path / "dry.yaml", "dry", tmp_path / "runs", stages)
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    first, second = _t2i("submit", str(pipeline), "--dry-run"), _t2i("submit", str(pipeline), "--dry-run")
+    assert first.returncode == 0 and first.stdout == second.stdout
+    assert "#SBATCH --nodes=2" in first.stdout and "#SBATCH --partition=debug" in first.stdout
+    assert '#SBATCH --comment="t2i test"' in first.stdout
+    assert "--dependency=afterok:<data>" in first.stdout
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    # SLURM's --signal=B:USR1@GRACE sends USR1 to the batch shell; `scancel --batch --signal=USR1` does the same now
+    stages = _data_stage() + _toy_stage("toy", ["data"], "trainer.max_steps=20, trainer.save_every=1000, "
+                                                         "model.sleep_s=0.4")
+    pipeline = _write_pipeline(tmp_path / "usr1.yaml", "usr1", tmp_path / "runs", stages)
+    jobs = _submit(pipeline)
+    out = tmp_path / "runs" / "usr1" / "toy"
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 4:
+        assert time.time() < deadline, "the stage did not start training"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", jobs["toy"]], check=True)
+    _wait(jobs, timeout=400)
+    log = next(out.glob("slurm-*.out")).read_text()
+    assert "t2i: USR1: time limit near, checkpointing" in log and "requeueing job" in log
+    assert "preempted: checkpoint at step" in log and "resumed from" in log
+    assert _states(tmp_path / "runs" / "usr1")["toy"] == "COMPLETED", log
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))
