@@ -92,6 +92,34 @@ def _cancel(args: argparse.Namespace) -> int:
     return cancel(args.run)
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from stages import sample
+
+    values = {"run": args.run, "captions": args.captions, "out_dir": args.out, "temperature": args.temperature,
+              "top_k": args.top_k, "top_p": args.top_p, "guidance_scale": args.guidance, "seed": args.seed,
+              "batch_size": args.batch_size, "images_per_caption": args.images_per_caption,
+              "clip_checkpoint": args.clip or "", "clip_model": args.clip_model, "candidates": args.candidates,
+              "score": args.score}
+    return sample.run(load_config(sample.Config, None, base=values))
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+    from pathlib import Path
+
+    from pipeline.describe import describe, format_report
+    from stages import load_stage
+
+    stage = args.stage or Path(args.config).parent.name
+    module = load_stage(stage)
+    # describing needs no data, output folder or input stages
+    placeholders = {"trainer": {"out_dir": "(not used)"}, "data": {"shards": "(not used)"}}
+    placeholders |= {name: "(not used)" for name in ("dvae",) if name in {f.name for f in fields(module.Config)}}
+    cfg = load_config(module.Config, args.config, args.overrides, base=placeholders)
+    print(format_report(stage, describe(module, cfg)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i", description="Train text-to-image models as a pipeline of stages.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +175,30 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", help="cancel a submitted run's jobs")
     cancel.add_argument("run", help="the run folder, e.g. runs/demo")
     cancel.set_defaults(handler=_cancel)
+
+    sample = commands.add_parser("sample", help="images from captions with a trained DALL-E prior")
+    sample.add_argument("run", help="a dalle run folder, or one of its checkpoints/step-N folders")
+    sample.add_argument("--captions", required=True, help="a text file (one caption a line), one caption, "
+                                                          "or heldout:N for N held-out shapes captions")
+    sample.add_argument("--out", required=True, help="output folder")
+    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--top-k", type=int)
+    sample.add_argument("--top-p", type=float)
+    sample.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch-size", type=int, default=16)
+    sample.add_argument("--images-per-caption", type=int, default=4)
+    sample.add_argument("--clip", help="re-rank with this local open_clip checkpoint")
+    sample.add_argument("--clip-model", default="ViT-B-32")
+    sample.add_argument("--candidates", type=int, default=4, help="with --clip: samples drawn per image kept")
+    sample.add_argument("--score", action="store_true", help="score shapes captions with the oracle")
+    sample.set_defaults(handler=_sample)
+
+    describe = commands.add_parser("describe", help="a training stage's parameters, FLOPs and memory per GPU")
+    describe.add_argument("config", help="a stage config, e.g. configs/dalle/12B.yaml")
+    describe.add_argument("--stage", help="the stage (default: the config's folder name)")
+    describe.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    describe.set_defaults(handler=_describe)
     return parser
 
 

@@ -95,10 +95,13 @@ def _shards_preview(out: Path, root: Path, count: int = 16) -> str:
                 images.append(torchvision.transforms.functional.pil_to_tensor(image))
             elif member.name.endswith(".txt") and len(captions) < 8:
                 captions.append(data.decode())
+    summary = f"<p>{sum(sizes.values())} samples in {len(sizes)} shards</p>"
+    if not images:  # token shards: nothing to look at
+        return summary + f"<ol>{''.join(f'<li>{html.escape(caption)}</li>' for caption in captions)}</ol>"
     grid = out / "preview.png"
     torchvision.utils.save_image(torchvision.utils.make_grid(torch.stack(images).float() / 255, nrow=8), grid)
     listing = "".join(f"<li>{html.escape(caption)}</li>" for caption in captions)
-    return (f"<p>{sum(sizes.values())} samples in {len(sizes)} shards</p><figure><img src='{_rel(grid, root)}'>"
+    return (f"{summary}<figure><img src='{_rel(grid, root)}'>"
             f"<figcaption>first images</figcaption></figure><ol>{listing}</ol>")
 
 

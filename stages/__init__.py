@@ -15,6 +15,10 @@ STAGES = {
     "vae": "stages.vae",
     "beta_vae": "stages.beta_vae",
     "cvae": "stages.cvae",
+    "dvae": "stages.dvae",
+    "pretokenize": "stages.pretokenize",
+    "dalle": "stages.dalle",
+    "sample": "stages.sample",
 }
 
 

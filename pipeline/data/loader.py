@@ -33,6 +33,7 @@ class DataConfig:
     """Where the image-text shards are and how they become batches."""
 
     shards: str = ""  # brace pattern(s), '::'-separated; local, pipe:, http(s)
+    kind: Literal["images", "tokens"] = "images"  # tokens: shards written by the pretokenize stage
     resolution: int = 64
     crop: Literal["center", "random"] = "center"
     batch_size: int = 16  # per rank
@@ -99,7 +100,7 @@ class StreamingLoader:
                                workers=self.workers, shuffle_shards=cfg.shuffle_shards)
         spec = StreamSpec(tuple(self.urls), tuple(self.sizes), cfg.resolution, cfg.crop, cfg.batch_size,
                           cfg.shuffle_buffer, self.seed, self.epoch, self.rank, cfg.max_bad_fraction,
-                          cfg.budget_min_samples if self.enforce_budget else 2**62)
+                          cfg.budget_min_samples if self.enforce_budget else 2**62, cfg.kind)
         states = {worker: WorkerState(**self._worker_states.get(worker, {})) for worker in range(self.workers)}
         dataset = _EpochDataset(spec, plans, states, rotation=self.consumed % self.workers,
                                 tokenizer=cfg.tokenizer, text_length=cfg.text_length)

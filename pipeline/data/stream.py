@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from pipeline.data.decode import IMAGE_EXTENSIONS, DecodeError, decode_image
+from pipeline.data.samples import collate, image_sample, token_sample
 from pipeline.data.plan import Segment, WorkerPlan, resampled_segment
 from pipeline.data.tars import RawSample, Skip, iter_raw_samples
 
@@ -60,6 +60,7 @@ class StreamSpec:
     rank: int
     max_bad_fraction: float
     budget_min_samples: int
+    kind: str = "images"  # or "tokens": shards written by pretokenize
 
 
 class WorkerStream:
@@ -176,39 +177,22 @@ class WorkerStream:
     def _decode(self, item: RawSample | Skip) -> dict | Skip:
         if isinstance(item, Skip):
             return item
-        extension = next((ext for ext in IMAGE_EXTENSIONS if ext in item.files), None)
-        if extension is None:
-            return Skip("missing_image", item.shard, item.key)
-        if "txt" not in item.files:
-            return Skip("missing_caption", item.shard, item.key)
-        if not item.files[extension]:
-            return Skip("empty_file", item.shard, item.key)
-        try:
-            caption = item.files["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            return Skip("bad_caption", item.shard, item.key)
+        if self.spec.kind == "tokens":
+            return token_sample(item)
         rng = random.Random(f"crop-{self.spec.seed}-{self.spec.epoch}-{item.key}")
-        try:
-            image = decode_image(item.files[extension], self.spec.resolution, self.spec.crop, rng)
-        except DecodeError as error:
-            return Skip("decode_error", item.shard, item.key, str(error))
-        return {"image": image, "caption": caption, "key": item.key, "valid": True}
+        return image_sample(item, self.spec.resolution, self.spec.crop, rng)
 
     def _blank(self) -> dict:
+        if self.spec.kind == "tokens":
+            raise RuntimeError(f"loader worker {self.plan.worker} found no readable token sample to pad its batches with")
         resolution = self.spec.resolution
         return {"image": torch.zeros(3, resolution, resolution), "caption": "", "key": "", "valid": False}
 
     def _collate(self, samples: list[dict]) -> dict:
-        captions = [sample["caption"] for sample in samples]
-        batch = {
-            "image": torch.stack([sample["image"] for sample in samples]),
-            "caption": captions,
-            "key": [sample["key"] for sample in samples],
-            "valid": torch.tensor([sample["valid"] for sample in samples]),
-            "_state": {"worker": self.plan.worker, **self.state.as_dict()},
-        }
+        batch = collate(samples)
+        batch["_state"] = {"worker": self.plan.worker, **self.state.as_dict()}
         if self.tokenize is not None:
-            batch["tokens"] = self.tokenize(captions)
+            batch["tokens"] = self.tokenize(batch["caption"])
         return batch
 
 

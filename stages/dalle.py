@@ -1,0 +1,93 @@
+"""The `dalle` stage: DALL-E's transformer prior over [caption tokens | dVAE image tokens].
+
+It trains from token shards only (written by `pretokenize`) and refuses shards made by another
+dVAE than the one named in `dvae:` (the manifest's weights hash), whose decoder turns its samples
+into images."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.data.tars import expand_shards
+from pipeline.data.text import make_tokenizer
+from pipeline.engine.config import TrainConfig
+from pipeline.engine.loop import exit_code, train
+from pipeline.models.dalle import DALLE, DALLEConfig
+from pipeline.models.dalle import flops_per_sample as dalle_flops
+from stages.cvae import heldout_captions
+from stages.dvae import load_trained
+from stages.pretokenize import MANIFEST
+
+OUTPUT = "trainer.out_dir"
+
+
+@dataclass
+class Config(TrainConfig):
+    model: DALLEConfig = field(default_factory=DALLEConfig)
+    dvae: str = ""  # the dvae stage's output folder: must be the one that made the token shards
+
+    def validate(self) -> None:
+        super().validate()
+        if self.data.kind != "tokens":
+            raise ValueError("the prior trains from token shards: set data.kind to 'tokens' (pretokenize's output)")
+        if not self.dvae:
+            raise ValueError("dvae is required: the dvae run that made the token shards")
+
+
+def check_tokens(cfg: Config) -> dict:
+    """The token shards' manifest, after checking it matches the dVAE and the model's shape."""
+    manifest_path = Path(expand_shards(cfg.data.shards)[0]).parent / MANIFEST
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"data.shards={cfg.data.shards!r}: no {MANIFEST} beside the shards; "
+                                "were they written by the pretokenize stage?")
+    manifest = json.loads(manifest_path.read_text())
+    weights = Path(cfg.dvae) / "final" / "model.safetensors"
+    actual = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.exists() else "(missing)"
+    if manifest["dvae_sha256"] != actual:
+        raise ValueError(f"the token shards in {manifest_path.parent} were made by a dVAE with weights sha256 "
+                         f"{manifest['dvae_sha256'][:12]}..., but dvae={cfg.dvae!r} has {actual[:12]}...: "
+                         "re-run pretokenize with this dVAE, or point dvae at the one that made them")
+    expected = {"model.image_grid": (cfg.model.image_grid, manifest["image_tokens_per_side"]),
+                "model.image_vocab_size": (cfg.model.image_vocab_size, manifest["codebook_size"]),
+                "model.text_length": (cfg.model.text_length, manifest["text_length"])}
+    for key, (ours, theirs) in expected.items():
+        if ours != theirs:
+            raise ValueError(f"{key} is {ours} but the token shards have {theirs}")
+    return manifest
+
+
+def build_model(cfg: Config) -> nn.Module:
+    return DALLE(cfg.model)
+
+
+def flops_per_sample(cfg: Config) -> int:
+    return dalle_flops(cfg.model)
+
+
+def activation_shape(cfg: Config) -> tuple[int, int, int]:
+    """(tokens, width, depth) for the activation estimate of `t2i describe`."""
+    return cfg.model.sequence_length, cfg.model.width, cfg.model.depth
+
+
+def draw_images(cfg: Config, manifest: dict, model: DALLE, batch: dict) -> dict[str, torch.Tensor]:
+    """Samples for 8 held-out captions (one per column, two rows), decoded by the dVAE."""
+    dvae, _, _ = load_trained(cfg.dvae)
+    dvae.to(batch["image_tokens"].device)
+    captions = heldout_captions(8, 64)
+    text = make_tokenizer(manifest["tokenizer"], manifest["text_length"])(captions).to(batch["image_tokens"].device)
+    generator = torch.Generator(text.device).manual_seed(0)
+    grid = cfg.model.image_grid
+    tokens = torch.cat([model.generate(text, generator=generator, top_k=32) for _ in range(2)])
+    return {"samples": dvae.decode(tokens.view(-1, grid, grid))}
+
+
+def run(cfg: Config) -> int:
+    manifest = check_tokens(cfg)
+    images = partial(draw_images, cfg, manifest) if cfg.engine.zero_stage < 3 else None  # sharded weights cannot sample
+    return exit_code(train(cfg, build_model, images))
