@@ -138,10 +138,12 @@ class ResBlock(nn.Module):
         return self.id_path(x) + self.post_gain * self.res_path(x)
 
 
-def _groups(cfg: DVAEConfig, n_in: int, widths: list[int], kernels: tuple[int, ...],
-            resample: tuple[str, Callable[[], nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """dall_e's group_1 ... group_G: n_blk_per_group ResBlocks each, all but the last resampled."""
-    n_layers, (name, make_resample), groups = cfg.group_count * cfg.n_blk_per_group, resample, []
+def _blocks(cfg: DVAEConfig, input_conv: Conv2d, widths: list[int], kernels: tuple[int, ...],
+            resample: tuple[str, Callable[[], nn.Module]], n_out: int) -> nn.Sequential:
+    """dall_e's `blocks`: `input`, then `group_1` ... `group_G` of n_blk_per_group ResBlocks each,
+    all but the last followed by `resample`, then `output` (ReLU, 1x1 convolution to n_out)."""
+    n_in, n_layers, (name, make_resample) = input_conv.w.shape[0], cfg.group_count * cfg.n_blk_per_group, resample
+    layers: list[tuple[str, nn.Module]] = [("input", input_conv)]
     for g, width in enumerate(widths, 1):
         blocks: list[tuple[str, nn.Module]] = []
         for i in range(1, cfg.n_blk_per_group + 1):
@@ -149,12 +151,9 @@ def _groups(cfg: DVAEConfig, n_in: int, widths: list[int], kernels: tuple[int, .
             n_in = width
         if g < len(widths):
             blocks.append((name, make_resample()))
-        groups.append((f"group_{g}", nn.Sequential(OrderedDict(blocks))))
-    return groups
-
-
-def _output(n_in: int, n_out: int) -> tuple[str, nn.Sequential]:
-    return "output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", Conv2d(n_in, n_out, 1))]))
+        layers.append((f"group_{g}", nn.Sequential(OrderedDict(blocks))))
+    output = nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", Conv2d(n_in, n_out, 1))]))
+    return nn.Sequential(OrderedDict([*layers, ("output", output)]))
 
 
 class Encoder(nn.Module):
@@ -163,10 +162,8 @@ class Encoder(nn.Module):
     def __init__(self, cfg: DVAEConfig) -> None:
         super().__init__()
         widths = [cfg.n_hid * 2 ** g for g in range(cfg.group_count)]
-        self.blocks = nn.Sequential(OrderedDict([
-            ("input", Conv2d(IMAGE_CHANNELS, cfg.n_hid, 7)),
-            *_groups(cfg, cfg.n_hid, widths, (3, 3, 3, 1), ("pool", lambda: nn.MaxPool2d(kernel_size=2))),
-            _output(widths[-1], cfg.codebook_size)]))
+        self.blocks = _blocks(cfg, Conv2d(IMAGE_CHANNELS, cfg.n_hid, 7), widths, (3, 3, 3, 1),
+                              ("pool", lambda: nn.MaxPool2d(kernel_size=2)), cfg.codebook_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.blocks(x)
@@ -179,11 +176,9 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DVAEConfig) -> None:
         super().__init__()
         widths = [cfg.n_hid * 2 ** g for g in reversed(range(cfg.group_count))]
-        upsample = ("upsample", lambda: nn.Upsample(scale_factor=2, mode="nearest"))
-        self.blocks = nn.Sequential(OrderedDict([
-            ("input", Conv2d(cfg.codebook_size, cfg.n_init, 1)),
-            *_groups(cfg, cfg.n_init, widths, (1, 3, 3, 3), upsample),
-            _output(widths[-1], 2 * IMAGE_CHANNELS)]))
+        self.blocks = _blocks(cfg, Conv2d(cfg.codebook_size, cfg.n_init, 1), widths, (1, 3, 3, 3),
+                              ("upsample", lambda: nn.Upsample(scale_factor=2, mode="nearest")),
+                              2 * IMAGE_CHANNELS)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.blocks(z)
@@ -192,6 +187,7 @@ class Decoder(nn.Module):
 class DiscreteVAE(nn.Module):
     """The dVAE. The buffer `step` counts training-mode forwards; the tau and beta schedules read it,
     and it travels with the state dict so that a resumed run continues both schedules exactly."""
+    step: Tensor  # () long
 
     def __init__(self, cfg: DVAEConfig) -> None:
         super().__init__()
@@ -228,10 +224,10 @@ class DiscreteVAE(nn.Module):
             recon = (torch.sigmoid(mu) - x_mapped).pow(2).flatten(1).sum(1)
         kl = kl_to_uniform(logits)  # (B,)
         x_hat = unmap_pixels(torch.sigmoid(mu.detach()), cfg.logit_laplace_eps) * 2 - 1  # (B, 3, R, R)
-        perplexity, dead_codes = codebook_usage(logits.detach().argmax(1), valid, cfg.codebook_size)
+        perplexity, dead_codes = codebook_usage(logits.argmax(1), valid, cfg.codebook_size)
         return {"loss": valid_mean(recon + kl_weight * kl, valid),
                 "recon": valid_mean(recon, valid).detach(), "kl": valid_mean(kl, valid).detach(),
-                "temperature": logits.new_tensor(temperature), "kl_weight": logits.new_tensor(kl_weight),
+                "temperature": x_mapped.new_tensor(temperature), "kl_weight": x_mapped.new_tensor(kl_weight),
                 "psnr": psnr(batch["image"], x_hat, valid), "perplexity": perplexity, "dead_codes": dead_codes}
 
     @torch.no_grad()

@@ -1,0 +1,126 @@
+"""pretokenize, the prior stage and sampling, end to end on tiny models."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import PIL.Image
+import pytest
+import torch
+
+from pipeline.config import load_config
+from stages import dalle, sample
+
+
+def _keys(folder) -> list[str]:
+    keys = []
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            keys += [name.split(".")[0] for name in tar.getnames() if name.endswith(".txt")]
+    return keys
+
+
+def test_token_shards_hold_every_image_key_once_with_the_manifest(dalle_path):
+    assert sorted(_keys(dalle_path / "tokens")) == sorted(_keys(dalle_path / "shapes"))
+    assert len(set(_keys(dalle_path / "tokens"))) == 90
+    manifest = json.loads((dalle_path / "tokens" / "manifest.json").read_text())
+    assert manifest["samples"] == {"00000.tar": 30, "00001.tar": 30, "00002.tar": 30}
+    assert manifest["image_tokens_per_side"] == 8 and len(manifest["dvae_sha256"]) == 64
+    with tarfile.open(dalle_path / "tokens" / "00000.tar") as tar:
+        import io
+
+        import numpy as np
+        image = np.load(io.BytesIO(tar.extractfile("000000000.image.npy").read()))
+        assert image.dtype == np.uint16 and image.shape == (64,) and image.max() < 512
+
+
+def _pretokenize(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "pipeline.cli", "stage", "pretokenize", "-c", "configs/pretokenize/default.yaml",
+                           *args], capture_output=True, text=True, timeout=300)
+
+
+def test_pretokenize_over_two_ranks_is_disjoint_resumable_and_idempotent(dalle_path, tmp_path):
+    out = tmp_path / "tokens"
+    args = [f"shards={dalle_path / 'shapes'}", f"dvae={dalle_path / 'dvae'}", f"out_dir={out}", "num_workers=1"]
+    first = _pretokenize(args)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert sorted(_keys(out)) == sorted(_keys(dalle_path / "shapes"))
+    # A rank killed part way: one shard unfinished (no stats file) and a half-written temporary.
+    (out / "00001_stats.json").unlink()
+    (out / "00001.tar").unlink()
+    (out / ".00001.tar.tmp").write_bytes(b"half a tar")
+    finished = {name: (out / name).stat().st_mtime_ns for name in ("00000.tar", "00002.tar")}
+    again = _pretokenize(args)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert {name: (out / name).stat().st_mtime_ns for name in finished} == finished  # not redone
+    keys = _keys(out)
+    assert len(keys) == len(set(keys)) == 90 and sorted(keys) == sorted(_keys(dalle_path / "shapes"))
+
+
+def test_the_prior_refuses_tokens_made_by_another_dvae(dalle_path, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    for path in (dalle_path / "tokens").iterdir():
+        (tokens / path.name).write_bytes(path.read_bytes())
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    manifest["dvae_sha256"] = "0" * 64
+    (tokens / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(dalle.Config, "configs/dalle/tiny.yaml",
+                      [f"data.shards={tokens}", f"dvae={dalle_path / 'dvae'}", f"trainer.out_dir={tmp_path / 'p'}"])
+    with pytest.raises(ValueError, match="made by a dVAE with weights sha256 000000000000"):
+        dalle.run(cfg)
+    assert not (tmp_path / "p").exists()
+
+
+def test_the_prior_trains_with_deepspeed_zero3_over_two_processes(dalle_path, tmp_path):
+    out = tmp_path / "prior"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline.cli",
+         "stage", "dalle", "-c", "configs/dalle/tiny.yaml", f"data.shards={dalle_path / 'tokens'}",
+         f"dvae={dalle_path / 'dvae'}", f"trainer.out_dir={out}", "trainer.max_steps=2", "data.num_workers=0",
+         "data.batch_size=4", "engine.backend=deepspeed", "engine.zero_stage=3", "engine.precision=bf16"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    weights = out / "final" / "model.safetensors"
+    assert weights.exists()
+    import safetensors.torch
+    state = safetensors.torch.load_file(weights)
+    assert state["image_head.weight"].shape == (512, 128)  # gathered from the ZeRO-3 shards, whole
+
+
+def _sample(dalle_path, out, **extra) -> list[dict]:
+    values = {"run": str(dalle_path / "prior"), "captions": "heldout:3", "out_dir": str(out),
+              "images_per_caption": 2, "top_k": 16, "seed": 7, "batch_size": 4, **extra}
+    assert sample.run(load_config(sample.Config, None, base=values)) == 0
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def test_sampling_is_reproducible_and_writes_images_captions_and_a_grid(dalle_path, tmp_path):
+    records = _sample(dalle_path, tmp_path / "a")
+    again = _sample(dalle_path, tmp_path / "b")
+    other = _sample(dalle_path, tmp_path / "c", seed=8)
+    assert [r["file"] for r in records] == [f"{i:04d}.png" for i in range(6)]
+    assert [r["caption"] for r in records][::2] == sample.read_captions("heldout:3")
+    pixels = lambda folder: [PIL.Image.open(folder / r["file"]).tobytes() for r in records]  # noqa: E731
+    assert pixels(tmp_path / "a") == pixels(tmp_path / "b") != pixels(tmp_path / "c")
+    assert PIL.Image.open(tmp_path / "a" / "0000.png").size == (64, 64)
+    assert PIL.Image.open(tmp_path / "a" / "grid.png").size[1] == 3 * 128  # one row per caption
+
+
+def test_clip_reranking_from_a_local_checkpoint(dalle_path, tmp_path):
+    import open_clip
+
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    checkpoint = tmp_path / "clip.pt"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    records = _sample(dalle_path, tmp_path / "ranked", clip_checkpoint=str(checkpoint), candidates=2)
+    assert len(records) == 6 and (tmp_path / "ranked" / "grid.png").exists()
+
+
+def test_describe_sizes_the_paper_prior_without_allocating_it():
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "describe", "configs/dalle/12B.yaml"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "stage dalle: 12,5" in result.stdout and "ZeRO 3, bf16, 512 ranks" in result.stdout
