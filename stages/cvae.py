@@ -26,9 +26,6 @@ class Config(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.model.image_size != self.data.resolution:
-            raise ValueError(f"model.image_size ({self.model.image_size}) must equal data.resolution "
-                             f"({self.data.resolution})")
         if not self.data.tokenizer:
             raise ValueError("the CVAE is conditioned on captions: set data.tokenizer (e.g. open_clip:ViT-B-32)")
         if self.data.text_length > self.model.text.max_length:

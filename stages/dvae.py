@@ -21,12 +21,6 @@ OUTPUT = "trainer.out_dir"
 class Config(TrainConfig):
     model: DVAEConfig = field(default_factory=DVAEConfig)
 
-    def validate(self) -> None:
-        super().validate()
-        if self.model.image_size != self.data.resolution:
-            raise ValueError(f"model.image_size ({self.model.image_size}) must equal data.resolution "
-                             f"({self.data.resolution})")
-
 
 def build_model(cfg: Config) -> nn.Module:
     return DiscreteVAE(cfg.model)

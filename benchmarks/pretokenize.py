@@ -1,0 +1,62 @@
+"""pretokenize's images/s against the dVAE encoder's forward alone on tensors already in memory
+(the bound for this work), on the same CPU in the same run. Not a test. Aim: >= 0.85.
+
+    python benchmarks/pretokenize.py --count 512 --resolution 64 --n-hid 32 --codebook-size 512
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from pipeline.config import dump_config, load_config
+from pipeline.data.build import shapes_examples, write_shards
+from stages import dvae, pretokenize
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=512)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--n-hid", type=int, default=32)
+    parser.add_argument("--codebook-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        write_shards(shapes_examples(args.count, args.resolution, seed=0), root / "shapes", 128, args.count)
+        cfg = load_config(dvae.Config, None, [f"data.shards={root / 'shapes'}", f"trainer.out_dir={root / 'dvae'}",
+                                              f"data.resolution={args.resolution}", f"model.image_size={args.resolution}",
+                                              f"model.n_hid={args.n_hid}", f"model.codebook_size={args.codebook_size}"])
+        model = dvae.build_model(cfg).eval()
+        (root / "dvae" / "final").mkdir(parents=True)
+        safetensors.torch.save_file(model.state_dict(), root / "dvae" / "final" / "model.safetensors")
+        dump_config(cfg, root / "dvae" / "config.yaml")
+
+        tokens_cfg = load_config(pretokenize.Config, None, [f"shards={root / 'shapes'}", f"dvae={root / 'dvae'}",
+                                                            f"out_dir={root / 'tokens'}", f"batch_size={args.batch_size}",
+                                                            f"num_workers={args.workers}"])
+        start = time.perf_counter()
+        pretokenize.run(tokens_cfg)
+        stage_rate = args.count / (time.perf_counter() - start)
+
+        images = torch.rand(args.count, 3, args.resolution, args.resolution) * 2 - 1
+        model.encode(images[:args.batch_size])  # warm-up
+        start = time.perf_counter()
+        for first in range(0, args.count, args.batch_size):
+            model.encode(images[first:first + args.batch_size])
+        encoder_rate = args.count / (time.perf_counter() - start)
+    print(f"{args.count} images {args.resolution}px, dVAE n_hid {args.n_hid}, K {args.codebook_size}, "
+          f"batch {args.batch_size}, {args.workers} loader worker(s), {torch.get_num_threads()} threads")
+    print(f"pretokenize stage (read, decode, encode, write; start-up included): {stage_rate:8.1f} images/s")
+    print(f"encoder forward alone on preloaded tensors:                        {encoder_rate:8.1f} images/s")
+    print(f"ratio: {stage_rate / encoder_rate:.2f}")
+
+
+if __name__ == "__main__":
+    main()
