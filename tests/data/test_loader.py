@@ -143,3 +143,12 @@ def test_over_the_error_budget_the_run_fails_naming_the_worst_shards(corrupt_sha
 def test_no_samples_at_all_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no samples"):
         StreamingLoader(_config(f"{tmp_path}/missing-{{0..3}}.tar"))
+
+
+def test_shards_stream_through_pipe_commands(make_shards):
+    shards = make_shards([5, 3])
+    pattern = "::".join(f"pipe:cat {path}" for path in shards)
+    loader = StreamingLoader(_config(pattern, batch_size=4, shuffle_shards=False))
+    assert loader.sizes == [5, 3]  # counted by streaming the tar headers through the pipe
+    keys = [key for batch in loader.epoch_batches() for key in _valid_keys(batch)]
+    assert sorted(keys) == sorted(f"s{s:03d}_{i:04d}" for s, n in enumerate([5, 3]) for i in range(n))

@@ -41,3 +41,14 @@ def test_two_processes_train_and_a_nan_on_one_rank_is_skipped_on_both(shapes_sha
     if backend == "deepspeed":
         assert sorted(path.name for path in (checkpoint / "deepspeed").glob("zero_pp_rank_*")) == [
             "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+def test_a_dead_rank_fails_the_run_within_the_collective_timeout(shapes_shards, tmp_path):
+    import time
+
+    start = time.monotonic()
+    result = _torchrun(toy_overrides(shapes_shards, tmp_path / "hang", **{
+        "trainer.max_steps": 50, "engine.timeout_s": 10, "model.hang_on_rank": 1, "model.hang_at_call": 3}))
+    assert result.returncode != 0
+    assert time.monotonic() - start < 120  # bounded: not a hang
+    assert "timed out" in (result.stdout + result.stderr).lower() or "timeout" in (result.stdout + result.stderr).lower()

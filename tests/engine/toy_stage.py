@@ -22,6 +22,8 @@ class ToyModelConfig:
     nan_at_call: int = -1
     signal_at_call: int = -1  # the model sends SIGUSR1 to its own process during this call
     sleep_s: float = 0.0  # slows each step, so a test can kill the run between checkpoints
+    hang_on_rank: int = -1  # this rank stops responding at call `hang_at_call`, as a dead rank would
+    hang_at_call: int = -1
 
 
 @dataclass
@@ -49,6 +51,8 @@ class ToyModel(nn.Module):
         if self.calls == self.cfg.signal_at_call:
             os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(self.cfg.sleep_s)
+        if self.calls == self.cfg.hang_at_call and int(os.environ.get("RANK", 0)) == self.cfg.hang_on_rank:
+            time.sleep(3600)
         return {"loss": loss, "mse": loss.detach()}
 
 
