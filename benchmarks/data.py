@@ -15,7 +15,6 @@ import tarfile
 import tempfile
 import time
 from multiprocessing import Pool
-from pathlib import Path
 
 import PIL.Image
 

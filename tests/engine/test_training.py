@@ -1,6 +1,5 @@
 """The loop in one process: finishing, resuming after kill -9, preemption by signal."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -66,10 +66,10 @@ def _times(log: Path) -> tuple[float, float]:
 def test_the_tiny_demo_runs_as_dependent_jobs(slurm_cluster, tmp_path):
     stages = (_data_stage()
               + "  vae:\n    stage: vae\n    config: configs/vae/tiny.yaml\n    needs: [data]\n"
-              f"    overrides: [\"data.shards=${{data}}\", trainer.max_steps=3, data.num_workers=0, model.channels=8,"
+              "    overrides: [\"data.shards=${data}\", trainer.max_steps=3, data.num_workers=0, model.channels=8,"
               " launch.cpus_per_task=1]\n"
               "  cvae:\n    stage: cvae\n    config: configs/cvae/tiny.yaml\n    needs: [data, vae]\n"
-              f"    overrides: [\"data.shards=${{data}}\", trainer.max_steps=3, data.num_workers=0, model.channels=8,"
+              "    overrides: [\"data.shards=${data}\", trainer.max_steps=3, data.num_workers=0, model.channels=8,"
               " launch.cpus_per_task=1]\n")
     pipeline = _write_pipeline(tmp_path / "demo.yaml", "demo", tmp_path / "runs", stages)
     jobs = _submit(pipeline)

@@ -1,6 +1,5 @@
 """pretokenize, the prior stage and sampling, end to end on tiny models."""
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -99,8 +98,8 @@ def _sample(dalle_path, out, **extra) -> list[dict]:
 
 def test_sampling_is_reproducible_and_writes_images_captions_and_a_grid(dalle_path, tmp_path):
     records = _sample(dalle_path, tmp_path / "a")
-    again = _sample(dalle_path, tmp_path / "b")
-    other = _sample(dalle_path, tmp_path / "c", seed=8)
+    _sample(dalle_path, tmp_path / "b")
+    _sample(dalle_path, tmp_path / "c", seed=8)
     assert [r["file"] for r in records] == [f"{i:04d}.png" for i in range(6)]
     assert [r["caption"] for r in records][::2] == sample.read_captions("heldout:3")
     pixels = lambda folder: [PIL.Image.open(folder / r["file"]).tobytes() for r in records]  # noqa: E731
