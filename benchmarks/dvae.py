@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from pipeline.models.dvae import DiscreteVAE, DVAEConfig, gumbel_softmax, logit_laplace_nll, map_pixels
+from pipeline.models.categorical import gumbel_softmax
+from pipeline.models.dvae import DiscreteVAE, DVAEConfig, logit_laplace_nll, map_pixels
 
 
 def _time(step, steps: int) -> float:

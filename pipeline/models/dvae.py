@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.models.categorical import codebook_usage, cosine_schedule, gumbel_softmax, kl_to_uniform
 from pipeline.models.vae import psnr, valid_mean
 
 IMAGE_CHANNELS = 3
@@ -57,13 +58,6 @@ class DVAEConfig:
     kl_weight_steps: int = 5_000  # cosine ramp length
 
 
-def cosine_schedule(step: int, start: float, end: float, steps: int) -> float:
-    """`start` at step <= 0, `end` at step >= steps, half a cosine period in between (monotone)."""
-    if step >= steps:
-        return end
-    return start + (end - start) * 0.5 * (1 - math.cos(math.pi * max(step, 0) / steps))
-
-
 def map_pixels(x: Tensor, eps: float = 0.1) -> Tensor:
     """Images in [0, 1] -> [eps, 1 - eps], the support the logit-Laplace is fitted on."""
     return (1 - 2 * eps) * x + eps
@@ -78,33 +72,6 @@ def logit_laplace_nll(x: Tensor, mu: Tensor, log_scale: Tensor) -> Tensor:
     """-log f(x | mu, b = exp(log_scale)) elementwise, for x in (0, 1); see the module docstring."""
     return (math.log(2) + log_scale + (torch.logit(x) - mu).abs() * torch.exp(-log_scale)
             + torch.log(x * (1 - x)))
-
-
-def gumbel_softmax(logits: Tensor, temperature: float, hard: bool) -> Tensor:
-    """A relaxed sample softmax((logits + g) / temperature) over dim 1, g ~ Gumbel(0, 1). With
-    `hard` the value is exactly the one-hot of its argmax while the gradient is the relaxed one."""
-    gumbels = -torch.empty_like(logits).exponential_().log()
-    soft = ((logits + gumbels) / temperature).softmax(1)
-    if not hard:
-        return soft
-    # hard + (soft - soft) is exact in the forward pass, unlike hard - soft + soft.
-    one_hot = torch.zeros_like(soft).scatter_(1, soft.argmax(1, keepdim=True), 1.0)
-    return one_hot + (soft - soft.detach())
-
-
-def kl_to_uniform(logits: Tensor) -> Tensor:
-    """KL(softmax(logits) || U(K)) over dim 1 of (B, K, h, w), summed over positions -> (B,)."""
-    log_q = logits.log_softmax(1)
-    return (log_q.exp() * (log_q + math.log(logits.shape[1]))).flatten(1).sum(1)
-
-
-@torch.no_grad()
-def codebook_usage(codes: Tensor, valid: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
-    """(perplexity, dead codes) of the codes (B, h, w) of valid samples: exp of the entropy of
-    their histogram, in [1, K], and the number of codes never used, in [0, K], as float tensors."""
-    counts = torch.bincount(codes[valid].flatten(), minlength=codebook_size).float()
-    p = counts / counts.sum().clamp(min=1)
-    return torch.special.xlogy(p, p).sum().neg().exp(), (counts == 0).sum().float()
 
 
 class Conv2d(nn.Module):

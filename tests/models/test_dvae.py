@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch.distributions import Laplace, SigmoidTransform, TransformedDistribution
 
-from pipeline.models.dvae import (DiscreteVAE, DVAEConfig, cosine_schedule, logit_laplace_nll, map_pixels,
-                                  unmap_pixels)
+from pipeline.models.categorical import cosine_schedule
+from pipeline.models.dvae import DiscreteVAE, DVAEConfig, logit_laplace_nll, map_pixels, unmap_pixels
 
 SIZE = 32
 TINY = {"image_size": SIZE, "n_hid": 16, "codebook_size": 64, "n_blk_per_group": 1}
