@@ -38,7 +38,7 @@ def main() -> None:
         safetensors.torch.save_file(model.state_dict(), root / "dvae" / "final" / "model.safetensors")
         dump_config(cfg, root / "dvae" / "config.yaml")
 
-        tokens_cfg = load_config(pretokenize.Config, None, [f"shards={root / 'shapes'}", f"dvae={root / 'dvae'}",
+        tokens_cfg = load_config(pretokenize.Config, None, [f"shards={root / 'shapes'}", f"autoencoder={root / 'dvae'}",
                                                             f"out_dir={root / 'tokens'}", f"batch_size={args.batch_size}",
                                                             f"num_workers={args.workers}"])
         start = time.perf_counter()

@@ -95,7 +95,7 @@ def _cancel(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from stages import sample
 
-    values = {"run": args.run, "captions": args.captions, "out_dir": args.out, "temperature": args.temperature,
+    values = {"run": args.run, "prior": args.prior, "top_run": args.top_run or "", "captions": args.captions, "out_dir": args.out, "temperature": args.temperature,
               "top_k": args.top_k, "top_p": args.top_p, "guidance_scale": args.guidance, "seed": args.seed,
               "batch_size": args.batch_size, "images_per_caption": args.images_per_caption,
               "clip_checkpoint": args.clip or "", "clip_model": args.clip_model, "candidates": args.candidates,
@@ -176,8 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("run", help="the run folder, e.g. runs/demo")
     cancel.set_defaults(handler=_cancel)
 
-    sample = commands.add_parser("sample", help="images from captions with a trained DALL-E prior")
-    sample.add_argument("run", help="a dalle run folder, or one of its checkpoints/step-N folders")
+    sample = commands.add_parser("sample", help="images from captions with a trained prior (DALL-E or PixelCNN)")
+    sample.add_argument("run", help="a prior's run folder, or one of its checkpoints/step-N folders")
+    sample.add_argument("--prior", default="dalle", choices=["dalle", "pixelcnn"], help="the stage that trained run")
+    sample.add_argument("--top-run", help="VQ-VAE-2: run is the bottom pixelcnn, this the top one (sampled first)")
     sample.add_argument("--captions", required=True, help="a text file (one caption a line), one caption, "
                                                           "or heldout:N for N held-out shapes captions")
     sample.add_argument("--out", required=True, help="output folder")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.data import shapes
-from pipeline.data.text import make_tokenizer
+from pipeline.data.text import make_tokenizer, vocab_size
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
 from pipeline.models.cvae import CVAE, CVAEConfig
@@ -31,6 +31,9 @@ class Config(TrainConfig):
         if self.data.text_length > self.model.text.max_length:
             raise ValueError(f"data.text_length ({self.data.text_length}) exceeds model.text.max_length "
                              f"({self.model.text.max_length})")
+        if vocab_size(self.data.tokenizer) > self.model.text.vocab_size:
+            raise ValueError(f"model.text.vocab_size ({self.model.text.vocab_size}) is smaller than the "
+                             f"{vocab_size(self.data.tokenizer)} ids of data.tokenizer {self.data.tokenizer!r}")
 
 
 def heldout_captions(count: int, resolution: int) -> list[str]:

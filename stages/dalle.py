@@ -5,24 +5,20 @@ dVAE than the one named in `dvae:` (the manifest's weights hash), whose decoder 
 into images."""
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.data.tars import expand_shards
-from pipeline.data.text import make_tokenizer
+from pipeline.data.text import make_tokenizer, vocab_size
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
 from pipeline.models.dalle import DALLE, DALLEConfig
 from pipeline.models.dalle import flops_per_sample as dalle_flops
 from stages.cvae import heldout_captions
-from stages.dvae import load_trained
-from stages.pretokenize import MANIFEST
+from stages import load_trained
+from stages.pretokenize import read_manifest
 
 OUTPUT = "trainer.out_dir"
 
@@ -30,7 +26,7 @@ OUTPUT = "trainer.out_dir"
 @dataclass
 class Config(TrainConfig):
     model: DALLEConfig = field(default_factory=DALLEConfig)
-    dvae: str = ""  # the dvae stage's output folder: must be the one that made the token shards
+    dvae: str = ""  # the dvae stage's output folder: must be the one that made the token shards (any one-grid autoencoder works)
 
     def validate(self) -> None:
         super().validate()
@@ -42,20 +38,13 @@ class Config(TrainConfig):
 
 def check_tokens(cfg: Config) -> dict:
     """The token shards' manifest, after checking it matches the dVAE and the model's shape."""
-    manifest_path = Path(expand_shards(cfg.data.shards)[0]).parent / MANIFEST
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"data.shards={cfg.data.shards!r}: no {MANIFEST} beside the shards; "
-                                "were they written by the pretokenize stage?")
-    manifest = json.loads(manifest_path.read_text())
-    weights = Path(cfg.dvae) / "final" / "model.safetensors"
-    actual = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.exists() else "(missing)"
-    if manifest["dvae_sha256"] != actual:
-        raise ValueError(f"the token shards in {manifest_path.parent} were made by a dVAE with weights sha256 "
-                         f"{manifest['dvae_sha256'][:12]}..., but dvae={cfg.dvae!r} has {actual[:12]}...: "
-                         "re-run pretokenize with this dVAE, or point dvae at the one that made them")
-    expected = {"model.image_grid": (cfg.model.image_grid, manifest["image_tokens_per_side"]),
+    manifest = read_manifest(cfg.data.shards, cfg.dvae)
+    if len(manifest["code_grids"]) != 1:
+        raise ValueError(f"the prior models one code grid, but {cfg.dvae!r} makes {len(manifest['code_grids'])}")
+    expected = {"model.image_grid": (cfg.model.image_grid, manifest["code_grids"][0]),
                 "model.image_vocab_size": (cfg.model.image_vocab_size, manifest["codebook_size"]),
-                "model.text_length": (cfg.model.text_length, manifest["text_length"])}
+                "model.text_length": (cfg.model.text_length, manifest["text_length"]),
+                "model.text_vocab_size": (cfg.model.text_vocab_size, vocab_size(manifest["tokenizer"]))}
     for key, (ours, theirs) in expected.items():
         if ours != theirs:
             raise ValueError(f"{key} is {ours} but the token shards have {theirs}")
@@ -77,7 +66,7 @@ def activation_shape(cfg: Config) -> tuple[int, int, int]:
 
 def draw_images(cfg: Config, manifest: dict, model: DALLE, batch: dict) -> dict[str, torch.Tensor]:
     """Samples for 8 held-out captions (one per column, two rows), decoded by the dVAE."""
-    dvae, _, _ = load_trained(cfg.dvae)
+    dvae, _, _ = load_trained(cfg.dvae, manifest["autoencoder_stage"])
     dvae.to(batch["image_tokens"].device)
     captions = heldout_captions(8, 64)
     text = make_tokenizer(manifest["tokenizer"], manifest["text_length"])(captions).to(batch["image_tokens"].device)

@@ -1,14 +1,17 @@
-"""The `pretokenize` stage: image-text shards -> token shards, with a trained dVAE.
+"""The `pretokenize` stage: image-text shards -> token shards, with a trained discrete autoencoder
+(`autoencoder_stage`: dvae, vqvae or vqvae2).
 
 Each input shard `NAME.tar` becomes `OUT/NAME.tar` holding, per sample, `KEY.txt` (the caption),
-`KEY.text.npy` (caption tokens) and `KEY.image.npy` (the dVAE's argmax codes), both uint16, plus
+`KEY.text.npy` (caption tokens) and `KEY.image.npy` (the autoencoder's codes, flattened in raster
+order; VQ-VAE-2's top grid then its bottom grid), both uint16, plus
 `OUT/NAME_stats.json` (samples written, samples skipped by reason), written last: a shard with its
 stats file is finished, and a re-run skips it. Ranks (torchrun, any number of nodes) take disjoint
 shards: shard i goes to rank i % world_size. Rank 0 finally writes `manifest.json`: the source
-shards, the sample counts and the sha256 of the dVAE weights that made the tokens.
+shards, the sample counts, the code grids' sides and the sha256 of the weights that made the codes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -16,26 +19,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import torch
 import webdataset
+from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline.data.samples import collate, image_sample, token_members
 from pipeline.data.tars import Skip, expand_shards, iter_raw_samples
-from pipeline.data.text import make_tokenizer
+from pipeline.data.text import make_tokenizer, portable
 from pipeline.engine.config import LaunchConfig
-from pipeline.engine.distributed import barrier, setup, teardown
-from stages.dvae import load_trained
+from pipeline.engine.distributed import barrier, free_cores, setup, teardown
+from stages import load_trained
 
 OUTPUT = "out_dir"
 MANIFEST = "manifest.json"
+CODE_STAGES = ("dvae", "vqvae", "vqvae2")
 
 
 @dataclass
 class Config:
     out_dir: str = ""
     shards: str = ""  # the image-text shards: pattern, folder or '::'-joined list
-    dvae: str = ""  # the dvae stage's output folder
+    autoencoder: str = ""  # the output folder of a trained dvae, vqvae or vqvae2 stage
+    autoencoder_stage: str = "dvae"  # which of those stages made it
     tokenizer: str = "open_clip:ViT-B-32"
     text_length: int = 32
     batch_size: int = 64
@@ -43,9 +50,11 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self) -> None:
-        for key in ("out_dir", "shards", "dvae"):
+        for key in ("out_dir", "shards", "autoencoder"):
             if not getattr(self, key):
                 raise ValueError(f"{key} is required")
+        if self.autoencoder_stage not in CODE_STAGES:
+            raise ValueError(f"autoencoder_stage must be one of {', '.join(CODE_STAGES)}, got {self.autoencoder_stage!r}")
 
 
 class _ShardBatches(IterableDataset):
@@ -84,8 +93,10 @@ def run(cfg: Config) -> int:
 def _pretokenize(cfg: Config, dist) -> None:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, dvae_cfg, dvae_hash = load_trained(cfg.dvae)
+    model, model_cfg, weights_hash = load_trained(cfg.autoencoder, cfg.autoencoder_stage)
     model.to(dist.device)
+    resolution = model_cfg.data.resolution
+    torch.set_num_threads(free_cores(cfg.num_workers))
     urls = expand_shards(cfg.shards)
     names = [Path(url).name for url in urls]
     if len(set(names)) != len(names):
@@ -93,14 +104,14 @@ def _pretokenize(cfg: Config, dist) -> None:
     mine = [(index, url) for index, url in enumerate(urls)
             if index % dist.world_size == dist.rank and not _stats_path(out, names[index]).exists()]
     tokenize = make_tokenizer(cfg.tokenizer, cfg.text_length)
-    dataset = _ShardBatches(mine, dvae_cfg.data.resolution, cfg.batch_size)
+    dataset = _ShardBatches(mine, resolution, cfg.batch_size)
     loader = DataLoader(dataset, batch_size=None, num_workers=min(cfg.num_workers, len(mine)))
     writers: dict[int, tuple[webdataset.TarWriter, int]] = {}
     progress = tqdm(total=len(mine), desc=f"pretokenize rank {dist.rank}", unit="shard", disable=not mine)
     for index, batch, skipped in loader:
         writer, count = writers.get(index) or (webdataset.TarWriter(str(_temporary(out, names[index]))), 0)
         if batch is not None:
-            codes = model.encode(batch["image"].to(dist.device)).flatten(1)  # (B, h*w)
+            codes = encode(model, batch["image"].to(dist.device))  # (B, codes per image)
             text = tokenize(batch["caption"])
             for key, caption, text_tokens, image_tokens in zip(batch["key"], batch["caption"], text, codes):
                 writer.write({"__key__": key, **token_members(caption, text_tokens, image_tokens)})
@@ -115,19 +126,52 @@ def _pretokenize(cfg: Config, dist) -> None:
     progress.close()
     barrier()
     if dist.is_main:
-        _write_manifest(out, urls, names, dvae_hash, cfg, dvae_cfg, model.tokens_per_side)
+        grids = [grid.shape[-1] for grid in _grids(model, torch.zeros(1, 3, resolution, resolution, device=dist.device))]
+        _write_manifest(out, urls, names, weights_hash, cfg, model_cfg.model.codebook_size, grids)
 
 
-def _write_manifest(out: Path, urls: list[str], names: list[str], dvae_hash: str, cfg: Config, dvae_cfg,
-                    tokens_per_side: int) -> None:
+def read_manifest(shards: str, autoencoder: str) -> dict:
+    """The manifest of token shards, after checking they were made by the autoencoder run
+    `autoencoder` (its weights' sha256): a prior trained on them decodes with that run."""
+    manifest_path = Path(expand_shards(shards)[0]).parent / MANIFEST
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{shards!r}: no {MANIFEST} beside the shards; were they written by the pretokenize stage?")
+    manifest = json.loads(manifest_path.read_text())
+    weights = Path(autoencoder) / "final" / "model.safetensors"
+    actual = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.exists() else "(missing)"
+    if manifest["autoencoder_sha256"] != actual:
+        raise ValueError(f"the token shards in {manifest_path.parent} were made by an autoencoder with weights sha256 "
+                         f"{manifest['autoencoder_sha256'][:12]}..., but {autoencoder!r} has {actual[:12]}...: "
+                         "re-run pretokenize with this autoencoder, or point to the one that made them")
+    return manifest
+
+
+def _grids(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    codes = model.encode(images)
+    return codes if isinstance(codes, tuple) else (codes,)
+
+
+def encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, R, R) -> the codes of every grid the autoencoder makes, flattened in raster
+    order and concatenated, (B, sum of h * w): the layout of KEY.image.npy."""
+    return torch.cat([grid.flatten(1) for grid in _grids(model, images)], 1)
+
+
+def split_codes(codes: torch.Tensor, grids: list[int]) -> list[torch.Tensor]:
+    """Inverse of encode's layout: (B, sum of side ** 2) -> one (B, side, side) grid per side."""
+    return [part.view(-1, side, side) for part, side in zip(codes.split([side ** 2 for side in grids], 1), grids)]
+
+
+def _write_manifest(out: Path, urls: list[str], names: list[str], weights_hash: str, cfg: Config,
+                    codebook_size: int, grids: list[int]) -> None:
     stats = {name: json.loads(_stats_path(out, name).read_text()) for name in names}
     _write_json(out / "sizes.json", {name: entry["successes"] for name, entry in stats.items()})
     _write_json(out / MANIFEST, {
         "source_shards": urls, "samples": {name: entry["successes"] for name, entry in stats.items()},
         "skipped": {name: entry["skipped"] for name, entry in stats.items() if entry["skipped"]},
-        "dvae": str(Path(cfg.dvae).resolve()), "dvae_sha256": dvae_hash, "tokenizer": cfg.tokenizer,
-        "text_length": cfg.text_length, "image_tokens_per_side": tokens_per_side,
-        "codebook_size": dvae_cfg.model.codebook_size})
+        "autoencoder": str(Path(cfg.autoencoder).resolve()), "autoencoder_stage": cfg.autoencoder_stage,
+        "autoencoder_sha256": weights_hash, "tokenizer": portable(cfg.tokenizer), "text_length": cfg.text_length,
+        "code_grids": grids, "codebook_size": codebook_size})
 
 
 def _stats_path(out: Path, name: str) -> Path:

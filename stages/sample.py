@@ -1,8 +1,10 @@
-"""The `sample` stage (and `t2i sample`): captions -> images with a trained DALL-E prior.
+"""The `sample` stage (and `t2i sample`): captions -> images with a trained prior over codes.
 
-KV-cached autoregressive sampling (temperature, top-k, top-p, classifier-free guidance, seed),
-decoded by the prior's dVAE. Writes `OUT/NNNN.png`, `OUT/samples.jsonl` (file, caption, seed per
-image) and `OUT/grid.png` with the captions. Optionally re-ranks candidates with a CLIP model from a
+`prior: dalle`: DALL-E's transformer, KV-cached (temperature, top-k, top-p, classifier-free
+guidance, seed), decoded by its dVAE. `prior: pixelcnn`: a PixelCNN over a VQ-VAE's codes; for
+VQ-VAE-2, `run` is the bottom prior and `top_run` the top one, sampled first (hierarchical).
+Writes `OUT/NNNN.png`, `OUT/samples.jsonl` (file, caption, seed per image) and `OUT/grid.png` with
+the captions. Optionally re-ranks candidates with a CLIP model from a
 local open_clip checkpoint, and scores shapes captions with the shapes oracle (`quality.json`).
 """
 from __future__ import annotations
@@ -12,28 +14,32 @@ import json
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import PIL.Image
 import PIL.ImageDraw
 import safetensors.torch
 import torch
+from tqdm import tqdm
 
 from pipeline.config import load_config
 from pipeline.data import shapes
 from pipeline.data.text import make_tokenizer
 from pipeline.engine.config import LaunchConfig
-from pipeline.models.dalle import DALLE
-from stages import dalle
+from stages import dalle, load_stage, load_trained, pixelcnn
 from stages.cvae import heldout_captions
-from stages.dvae import load_trained
+from stages.pretokenize import split_codes
 
 OUTPUT = "out_dir"
+PRIORS = ("dalle", "pixelcnn")
 
 
 @dataclass
 class Config:
     out_dir: str = ""
-    run: str = ""  # a dalle run folder (its final weights) or one of its checkpoint folders
+    run: str = ""  # a prior's run folder (its final weights) or one of its checkpoint folders
+    prior: str = "dalle"  # the stage that trained it: dalle or pixelcnn
+    top_run: str = ""  # pixelcnn at level bottom: the top-level pixelcnn run, sampled first
     captions: str = ""  # a text file (one caption a line), a caption, or "heldout:N" (N held-out shapes captions)
     images_per_caption: int = 4
     temperature: float = 1.0
@@ -54,6 +60,10 @@ class Config:
                 raise ValueError(f"{key} is required")
         if self.images_per_caption < 1 or self.batch_size < 1 or self.candidates < 1:
             raise ValueError("images_per_caption, batch_size and candidates must be >= 1")
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
+        if self.prior == "pixelcnn" and self.top_p is not None:
+            raise ValueError("top_p: the pixelcnn sampler supports temperature, top_k and guidance_scale")
 
 
 def read_captions(spec: str) -> list[str]:
@@ -65,43 +75,74 @@ def read_captions(spec: str) -> list[str]:
     return [spec]
 
 
-def load_prior(run: str | Path) -> tuple[DALLE, dalle.Config]:
-    """The prior of a dalle run folder (final weights) or of one of its checkpoint folders."""
+def load_prior(run: str | Path, stage: str) -> tuple[torch.nn.Module, object]:
+    """The model and config of a `stage` run folder (final weights) or of one of its checkpoint folders."""
     run = Path(run)
     weights = run / "final" / "model.safetensors"
     if not weights.exists() and (run / "model.safetensors").exists():  # a checkpoint folder
         weights, run = run / "model.safetensors", run.parent.parent
     if not weights.exists():
         raise FileNotFoundError(f"{run}: no trained prior (expected final/model.safetensors)")
-    cfg = load_config(dalle.Config, run / "config.yaml")
-    model = DALLE(cfg.model)
+    module = load_stage(stage)
+    cfg = load_config(module.Config, run / "config.yaml")
+    model = module.build_model(cfg)
     model.load_state_dict(safetensors.torch.load_file(weights))
     return model.eval(), cfg
+
+
+Sampler = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # caption tokens, generator -> images
+
+
+def make_sampler(cfg: Config) -> tuple[Sampler, dict]:
+    """A function from caption tokens (B, L) to images (B, 3, R, R) in [-1, 1], and the manifest of
+    the token shards the prior was trained on (its tokenizer, its autoencoder)."""
+    prior, prior_cfg = load_prior(cfg.run, cfg.prior)
+    if cfg.prior == "dalle":
+        manifest = dalle.check_tokens(prior_cfg)
+        dvae, _, _ = load_trained(prior_cfg.dvae, manifest["autoencoder_stage"])
+        grid = prior_cfg.model.image_grid
+
+        def sample_dalle(text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            tokens = prior.generate(text, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                    guidance_scale=cfg.guidance_scale, generator=generator)
+            return dvae.decode(tokens.view(-1, grid, grid))
+        return sample_dalle, manifest
+    manifest = pixelcnn.check_tokens(prior_cfg)
+    autoencoder, _, _ = load_trained(prior_cfg.autoencoder, manifest["autoencoder_stage"])
+    options = {"temperature": cfg.temperature, "top_k": cfg.top_k, "guidance_scale": cfg.guidance_scale}
+    if prior_cfg.level == "single":
+        return (lambda text, generator: autoencoder.decode(split_codes(
+            prior.prior.generate(text, generator=generator, **options), manifest["code_grids"])[0])), manifest
+    if prior_cfg.level != "bottom" or not cfg.top_run:
+        raise ValueError(f"{cfg.run}: a VQ-VAE-2 {prior_cfg.level} prior: sample with the bottom prior as run "
+                         "and the top prior as top_run")
+    top, top_cfg = load_prior(cfg.top_run, "pixelcnn")
+    if top_cfg.level != "top" or pixelcnn.check_tokens(top_cfg)["autoencoder_sha256"] != manifest["autoencoder_sha256"]:
+        raise ValueError(f"top_run={cfg.top_run!r} is not a top-level prior over the same VQ-VAE-2's codes as {cfg.run!r}")
+
+    def sample_hierarchy(text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        top_codes = top.prior.generate(text, generator=generator, **options)  # (B, top grid ** 2)
+        bottom_codes = prior.prior.generate(text, condition=top_codes, generator=generator, **options)
+        return autoencoder.decode(*split_codes(torch.cat([top_codes, bottom_codes], 1), manifest["code_grids"]))
+    return sample_hierarchy, manifest
 
 
 def run(cfg: Config) -> int:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prior, prior_cfg = load_prior(cfg.run)
-    manifest = dalle.check_tokens(prior_cfg)
-    dvae, _, _ = load_trained(prior_cfg.dvae)
+    sampler, manifest = make_sampler(cfg)
     captions = read_captions(cfg.captions)
     tokenize = make_tokenizer(manifest["tokenizer"], manifest["text_length"])
     ranker = _ClipRanker(cfg) if cfg.clip_checkpoint else None
     draws = cfg.candidates if ranker else 1
     jobs = [(caption, cfg.seed + index) for caption in captions for index in range(cfg.images_per_caption)]
     records, images = [], []
-    grid = prior_cfg.model.image_grid
-    for start in range(0, len(jobs), cfg.batch_size):
+    for start in tqdm(range(0, len(jobs), cfg.batch_size), desc="sample", unit="batch"):
         chunk = jobs[start:start + cfg.batch_size]
         text = tokenize([caption for caption, _ in chunk])
-        candidates = []
-        for draw in range(draws):
-            generator = torch.Generator().manual_seed(chunk[0][1] * 1000 + start * 10 + draw)
-            tokens = prior.generate(text, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                    guidance_scale=cfg.guidance_scale, generator=generator)
-            candidates.append(dvae.decode(tokens.view(-1, grid, grid)))  # (B, 3, R, R)
+        candidates = [sampler(text, torch.Generator().manual_seed(chunk[0][1] * 1000 + start * 10 + draw))
+                      for draw in range(draws)]  # each (B, 3, R, R)
         batch = ranker.best(candidates, [c for c, _ in chunk]) if ranker else candidates[0]
         for (caption, seed), image in zip(chunk, batch):
             name = f"{len(records):04d}.png"

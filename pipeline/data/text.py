@@ -1,6 +1,8 @@
 """Caption tokenizers, built from a short spec string so loader workers can make their own."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -9,10 +11,14 @@ Tokenize = Callable[[list[str]], torch.Tensor]
 
 
 def make_tokenizer(spec: str, length: int) -> Tokenize:
-    """`open_clip:MODEL` (open_clip's BPE, ships with the package, works offline) or `hf:PATH`
-    (a transformers tokenizer saved in a local folder). Returns a function from captions to a
-    (len(captions), length) LongTensor, padded and truncated."""
+    """`open_clip:MODEL` (open_clip's BPE, ships with the package, works offline), `hf:PATH` (a
+    transformers tokenizer saved in a local folder) or `words:FILE` (a word list, one per line: word
+    i is token i + 2, 0 pads, 1 is any other word; for small-vocabulary data such as the shapes).
+    Returns a function from captions to a (len(captions), length) LongTensor, padded and truncated."""
     kind, _, name = spec.partition(":")
+    if kind == "words":
+        ids = {word: i for i, word in enumerate(_word_list(name), 2)}
+        return lambda captions: _pad([[ids.get(word, 1) for word in _WORD.findall(c.lower())] for c in captions], length)
     if kind == "open_clip":
         import open_clip
 
@@ -24,4 +30,43 @@ def make_tokenizer(spec: str, length: int) -> Tokenize:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
         return lambda captions: tokenizer(captions, padding="max_length", truncation=True, max_length=length,
                                           return_tensors="pt").input_ids.long()
-    raise ValueError(f"tokenizer must look like 'open_clip:ViT-B-32' or 'hf:/path/to/tokenizer', got {spec!r}")
+    raise ValueError(f"tokenizer must look like 'open_clip:ViT-B-32', 'hf:/path/to/tokenizer' or 'words:FILE', got {spec!r}")
+
+
+def vocab_size(spec: str) -> int:
+    """The number of token ids the tokenizer `spec` (as for make_tokenizer) can produce."""
+    kind, _, name = spec.partition(":")
+    if kind == "words":
+        return len(_word_list(name)) + 2
+    if kind == "open_clip":
+        import open_clip
+
+        return open_clip.get_tokenizer(name).vocab_size
+    if kind == "hf":
+        from transformers import AutoTokenizer
+
+        return len(AutoTokenizer.from_pretrained(name, local_files_only=True))
+    make_tokenizer(spec, 1)  # raises the error for a bad spec
+    raise AssertionError
+
+
+def portable(spec: str) -> str:
+    """The spec with a word list's path made absolute, so that it reads the same from any folder."""
+    kind, _, name = spec.partition(":")
+    return f"words:{Path(name).resolve()}" if kind == "words" else spec
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _word_list(path: str) -> list[str]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tokenizer words:{path}: no such word list")
+    return Path(path).read_text().split()
+
+
+def _pad(rows: list[list[int]], length: int) -> torch.Tensor:
+    tokens = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row[:length])] = torch.tensor(row[:length], dtype=torch.long)
+    return tokens

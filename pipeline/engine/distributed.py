@@ -49,6 +49,14 @@ def setup(backend: str, timeout_s: int) -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
+def free_cores(data_workers: int) -> int:
+    """Intra-op threads for this process on CPU: its share of the cores (torchrun's LOCAL_WORLD_SIZE
+    processes per node) less its data-loader workers, at least 1. More threads than free cores make
+    OpenMP's spinning threads wait on each other: a step can get ten times slower."""
+    share = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, share - data_workers)
+
+
 def any_rank(*flags: bool) -> list[bool]:
     """For each flag, whether it is set on any rank (one all-reduce for all of them)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

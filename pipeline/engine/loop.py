@@ -30,7 +30,7 @@ from pipeline.data.loader import StreamingLoader
 from pipeline.engine.backends import make_backend
 from pipeline.engine.checkpoint import Checkpointer, latest, step_of
 from pipeline.engine.config import TrainConfig
-from pipeline.engine.distributed import DistInfo, any_rank, barrier, setup, teardown
+from pipeline.engine.distributed import DistInfo, any_rank, barrier, free_cores, setup, teardown
 from pipeline.engine.monitor import Monitor
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal; run the same command again to resume
@@ -214,12 +214,7 @@ class _Run:
 
 
 def _cpu_threads(cfg: TrainConfig) -> int:
-    """Intra-op threads for one training process on CPU. More threads than free cores make
-    OpenMP's spinning threads wait on each other: a step can get ten times slower."""
-    if cfg.engine.cpu_threads:
-        return cfg.engine.cpu_threads
-    cores = len(os.sched_getaffinity(0)) // cfg.launch.nproc_per_node
-    return max(1, cores - cfg.data.num_workers)
+    return cfg.engine.cpu_threads or free_cores(cfg.data.num_workers)
 
 
 def _nonfinite_anywhere(loss: torch.Tensor) -> bool:

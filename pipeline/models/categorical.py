@@ -38,6 +38,17 @@ def kl_to_uniform(logits: Tensor) -> Tensor:
     return (log_q.exp() * (log_q + math.log(logits.shape[1]))).flatten(1).sum(1)
 
 
+def usage_gap(logits: Tensor, valid: Tensor) -> Tensor:
+    """log K - H(p), p = softmax(logits) over dim 1 of (B, K, ...) averaged over the valid samples and
+    all positions: 0 when the batch spreads evenly over the K codes, log K when it uses one. The
+    diversity loss of wav2vec 2.0 (Baevski et al. 2020), differentiable in the logits."""
+    probs = logits[valid].softmax(1).transpose(0, 1).flatten(1)  # (K, valid samples * positions)
+    if probs.shape[1] == 0:  # no valid sample: no usage to measure
+        return logits.new_zeros(())
+    probs = probs.mean(1)  # (K,)
+    return math.log(logits.shape[1]) + torch.special.xlogy(probs, probs).sum()
+
+
 @torch.no_grad()
 def codebook_usage(codes: Tensor, valid: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
     """(perplexity, dead codes) of the codes (B, h, w) of valid samples: exp of the entropy of

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.categorical import codebook_usage, cosine_schedule, gumbel_softmax, kl_to_uniform
+from pipeline.models.categorical import codebook_usage, cosine_schedule, gumbel_softmax, kl_to_uniform, usage_gap
 from pipeline.models.vae import psnr, valid_mean
 
 IMAGE_CHANNELS = 3
@@ -56,6 +56,9 @@ class DVAEConfig:
     kl_weight_start: float = 0.0
     kl_weight_end: float = 6.6
     kl_weight_steps: int = 5_000  # cosine ramp length
+    # Weight on the batch's code-usage gap log K - H(mean q) (wav2vec 2.0's diversity loss), per
+    # position; 0 is the paper's recipe. Short runs collapse onto a few codes without it.
+    diversity_weight: float = 0.0
 
 
 def map_pixels(x: Tensor, eps: float = 0.1) -> Tensor:
@@ -190,11 +193,12 @@ class DiscreteVAE(nn.Module):
         else:
             recon = (torch.sigmoid(mu) - x_mapped).pow(2).flatten(1).sum(1)
         kl = kl_to_uniform(logits)  # (B,)
+        diversity = usage_gap(logits, valid) * logits[0, 0].numel()  # per image, over its positions
         x_hat = unmap_pixels(torch.sigmoid(mu.detach()), cfg.logit_laplace_eps) * 2 - 1  # (B, 3, R, R)
         perplexity, dead_codes = codebook_usage(logits.argmax(1), valid, cfg.codebook_size)
-        return {"loss": valid_mean(recon + kl_weight * kl, valid),
+        return {"loss": valid_mean(recon + kl_weight * kl, valid) + cfg.diversity_weight * diversity,
                 "recon": valid_mean(recon, valid).detach(), "kl": valid_mean(kl, valid).detach(),
-                "temperature": x_mapped.new_tensor(temperature), "kl_weight": x_mapped.new_tensor(kl_weight),
+                "diversity": diversity.detach(), "temperature": x_mapped.new_tensor(temperature), "kl_weight": x_mapped.new_tensor(kl_weight),
                 "psnr": psnr(batch["image"], x_hat, valid), "perplexity": perplexity, "dead_codes": dead_codes}
 
     @torch.no_grad()

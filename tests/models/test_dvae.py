@@ -1,8 +1,9 @@
+import math
 import pytest
 import torch
 from torch.distributions import Laplace, SigmoidTransform, TransformedDistribution
 
-from pipeline.models.categorical import cosine_schedule
+from pipeline.models.categorical import cosine_schedule, usage_gap
 from pipeline.models.dvae import DiscreteVAE, DVAEConfig, logit_laplace_nll, map_pixels, unmap_pixels
 
 SIZE = 32
@@ -174,3 +175,29 @@ def test_codebook_statistics_are_in_range():
     batch["valid"][:] = False
     none = model(batch)
     assert none["perplexity"] == 1 and none["dead_codes"] == 64 and none["loss"] == 0
+
+
+def test_usage_gap_measures_how_unevenly_a_batch_uses_the_codebook():
+    valid = torch.ones(2, dtype=torch.bool)
+    assert usage_gap(torch.zeros(2, 16, 4, 4), valid).abs() < 1e-6  # every code equally likely
+    collapsed = torch.zeros(2, 16, 4, 4)
+    collapsed[:, 3] = 50.0  # every position on code 3
+    assert torch.isclose(usage_gap(collapsed, valid), torch.tensor(math.log(16)), atol=1e-4)
+    spread = torch.full((2, 16, 4, 4), -50.0)
+    spread.view(2, 16, 16)[:, torch.arange(16), torch.arange(16)] = 50.0  # each position its own code
+    assert usage_gap(spread, valid).abs() < 1e-4  # confident per position, even over the batch
+    assert usage_gap(collapsed, torch.zeros(2, dtype=torch.bool)) == 0
+
+
+def test_the_diversity_weight_adds_the_usage_gap_over_the_positions():
+    batch = _batch()
+    plain, diverse = _tiny(), _tiny(diversity_weight=2.0)  # the same weights: _tiny seeds itself
+    torch.manual_seed(1)
+    a = plain(batch)
+    torch.manual_seed(1)  # the same Gumbel noise
+    b = diverse(batch)
+    with torch.no_grad():
+        logits = diverse.encoder(map_pixels((batch["image"] + 1) / 2))
+    gap = usage_gap(logits, batch["valid"]) * diverse.tokens_per_side ** 2
+    assert torch.isclose(b["diversity"], gap, rtol=1e-4) and gap > 0
+    assert torch.isclose(b["loss"] - a["loss"], 2.0 * gap, rtol=1e-3)

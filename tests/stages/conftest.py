@@ -14,8 +14,8 @@ def dalle_path(tmp_path_factory):
     dvae_cfg = load_config(dvae.Config, "configs/dvae/tiny.yaml",
                            [f"data.shards={root / 'shapes'}", f"trainer.out_dir={root / 'dvae'}", *small])
     assert dvae.run(dvae_cfg) == 0
-    tokens_cfg = load_config(pretokenize.Config, "configs/pretokenize/default.yaml",
-                             [f"shards={root / 'shapes'}", f"dvae={root / 'dvae'}", f"out_dir={root / 'tokens'}",
+    tokens_cfg = load_config(pretokenize.Config, "configs/pretokenize/shapes.yaml",
+                             [f"shards={root / 'shapes'}", f"autoencoder={root / 'dvae'}", f"out_dir={root / 'tokens'}",
                               "num_workers=0"])
     assert pretokenize.run(tokens_cfg) == 0
     prior_cfg = load_config(dalle.Config, "configs/dalle/tiny.yaml",

@@ -25,7 +25,7 @@ def test_token_shards_hold_every_image_key_once_with_the_manifest(dalle_path):
     assert len(set(_keys(dalle_path / "tokens"))) == 90
     manifest = json.loads((dalle_path / "tokens" / "manifest.json").read_text())
     assert manifest["samples"] == {"00000.tar": 30, "00001.tar": 30, "00002.tar": 30}
-    assert manifest["image_tokens_per_side"] == 8 and len(manifest["dvae_sha256"]) == 64
+    assert manifest["code_grids"] == [8] and len(manifest["autoencoder_sha256"]) == 64
     with tarfile.open(dalle_path / "tokens" / "00000.tar") as tar:
         import io
 
@@ -36,13 +36,13 @@ def test_token_shards_hold_every_image_key_once_with_the_manifest(dalle_path):
 
 def _pretokenize(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           "-m", "pipeline.cli", "stage", "pretokenize", "-c", "configs/pretokenize/default.yaml",
+                           "-m", "pipeline.cli", "stage", "pretokenize", "-c", "configs/pretokenize/shapes.yaml",
                            *args], capture_output=True, text=True, timeout=300)
 
 
 def test_pretokenize_over_two_ranks_is_disjoint_resumable_and_idempotent(dalle_path, tmp_path):
     out = tmp_path / "tokens"
-    args = [f"shards={dalle_path / 'shapes'}", f"dvae={dalle_path / 'dvae'}", f"out_dir={out}", "num_workers=1"]
+    args = [f"shards={dalle_path / 'shapes'}", f"autoencoder={dalle_path / 'dvae'}", f"out_dir={out}", "num_workers=1"]
     first = _pretokenize(args)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert sorted(_keys(out)) == sorted(_keys(dalle_path / "shapes"))
@@ -64,11 +64,11 @@ def test_the_prior_refuses_tokens_made_by_another_dvae(dalle_path, tmp_path):
     for path in (dalle_path / "tokens").iterdir():
         (tokens / path.name).write_bytes(path.read_bytes())
     manifest = json.loads((tokens / "manifest.json").read_text())
-    manifest["dvae_sha256"] = "0" * 64
+    manifest["autoencoder_sha256"] = "0" * 64
     (tokens / "manifest.json").write_text(json.dumps(manifest))
     cfg = load_config(dalle.Config, "configs/dalle/tiny.yaml",
                       [f"data.shards={tokens}", f"dvae={dalle_path / 'dvae'}", f"trainer.out_dir={tmp_path / 'p'}"])
-    with pytest.raises(ValueError, match="made by a dVAE with weights sha256 000000000000"):
+    with pytest.raises(ValueError, match="made by an autoencoder with weights sha256 000000000000"):
         dalle.run(cfg)
     assert not (tmp_path / "p").exists()
 
