@@ -114,7 +114,7 @@ def _describe(args: argparse.Namespace) -> int:
     module = load_stage(stage)
     # describing needs no data, output folder or input stages
     placeholders = {"trainer": {"out_dir": "(not used)"}, "data": {"shards": "(not used)"}}
-    placeholders |= {name: "(not used)" for name in ("dvae",) if name in {f.name for f in fields(module.Config)}}
+    placeholders |= {name: "(not used)" for name in ("dvae", "autoencoder") if name in {f.name for f in fields(module.Config)}}
     cfg = load_config(module.Config, args.config, args.overrides, base=placeholders)
     print(format_report(stage, describe(module, cfg)))
     return 0

@@ -1,0 +1,37 @@
+"""Caption tokenizers: the word-list tokenizer the shapes configs use, and vocabulary sizes."""
+import os
+
+import pytest
+import torch
+
+from pipeline.data import shapes
+from pipeline.data.text import make_tokenizer, portable, vocab_size
+
+WORDS = "configs/tokenizers/shapes-words.txt"
+
+
+def test_word_list_tokenizer_pads_truncates_and_marks_unknown_words():
+    tokenize = make_tokenizer(f"words:{WORDS}", 6)
+    tokens = tokenize(["A small red circle", "a purple hexagon!", "a large blue square above a small green triangle"])
+    words = open(WORDS).read().split()
+    assert tokens.shape == (3, 6) and tokens.dtype == torch.long
+    assert tokens[0].tolist() == [words.index(w) + 2 for w in ("a", "small", "red", "circle")] + [0, 0]
+    assert tokens[1].tolist() == [words.index("a") + 2, words.index("purple") + 2, 1, 0, 0, 0]  # 1: unknown
+    assert (tokens[2] > 1).all()  # truncated to 6 known words
+    assert vocab_size(f"words:{WORDS}") == len(words) + 2 == 22
+
+
+def test_the_shapes_word_list_covers_every_caption_the_generator_writes():
+    tokenize = make_tokenizer(f"words:{WORDS}", 16)
+    captions = [shapes.generate(i, 0, 64).caption for i in range(300)]
+    tokens = tokenize(captions)
+    assert not (tokens == 1).any() and (tokens[:, -1] == 0).all()  # no unknown word, room to spare
+
+
+def test_a_word_list_spec_is_made_absolute_for_the_manifest(tmp_path):
+    spec = portable(f"words:{WORDS}")
+    assert spec == f"words:{os.path.abspath(WORDS)}" and portable("open_clip:ViT-B-32") == "open_clip:ViT-B-32"
+    with pytest.raises(FileNotFoundError, match="no such word list"):
+        make_tokenizer(f"words:{tmp_path / 'missing.txt'}", 8)
+    with pytest.raises(ValueError, match="words:FILE"):
+        vocab_size("bpe:thing")
