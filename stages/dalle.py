@@ -16,8 +16,8 @@ from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
 from pipeline.models.dalle import DALLE, DALLEConfig
 from pipeline.models.dalle import flops_per_sample as dalle_flops
-from stages.cvae import heldout_captions
 from stages import load_trained
+from stages.cvae import heldout_captions
 from stages.pretokenize import read_manifest
 
 OUTPUT = "trainer.out_dir"
@@ -26,7 +26,7 @@ OUTPUT = "trainer.out_dir"
 @dataclass
 class Config(TrainConfig):
     model: DALLEConfig = field(default_factory=DALLEConfig)
-    dvae: str = ""  # the dvae stage's output folder: must be the one that made the token shards (any one-grid autoencoder works)
+    dvae: str = ""  # the dvae run that made the token shards (any one-grid autoencoder's run works)
 
     def validate(self) -> None:
         super().validate()
