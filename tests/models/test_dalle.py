@@ -9,14 +9,6 @@ SMALL = dict(text_vocab_size=64, text_length=8, image_vocab_size=32, image_grid=
              conv_kernel=3, caption_dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: intra-op threads only add overhead, and stall on contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _model(**overrides) -> DALLE:
     torch.manual_seed(0)

@@ -32,14 +32,6 @@ def _seeded(model, batch, seed: int = 0) -> dict:
     return model(batch)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Intra-op threads stall on contended cores; one thread is faster here even for the full model."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def full() -> DiscreteVAE:

@@ -11,14 +11,6 @@ SIZE, N, K = 16, 8, 4
 TINY = {"image_size": SIZE, "channels": 8, "channel_mult": (1, 2), "latent_variables": N, "categories": K}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: intra-op threads only add overhead, and stall on contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _tiny(**overrides) -> GumbelVAE:
     torch.manual_seed(0)

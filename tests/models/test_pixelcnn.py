@@ -13,14 +13,6 @@ SMALL = dict(codebook_size=CODES, grid=GRID, channels=16, layers=4, kernel_size=
 CONDITIONED = dict(condition_codebook_size=8, condition_grid=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: intra-op threads only add overhead, and stall on contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _model(**overrides) -> PixelCNN:
     torch.manual_seed(0)

@@ -9,14 +9,6 @@ SIZE = 32
 TINY = {"image_size": SIZE, "channels": 16, "res_blocks": 1, "res_channels": 8, "code_dim": 8, "codebook_size": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Intra-op threads stall on contended cores; one thread is faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _tiny(**overrides) -> VQVAE:
     torch.manual_seed(0)
