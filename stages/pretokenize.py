@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline.data.samples import collate, image_sample, token_members
 from pipeline.data.tars import Skip, expand_shards, iter_raw_samples
-from pipeline.data.text import make_tokenizer, portable
+from pipeline.data.text import check_tokenizer, make_tokenizer, portable
 from pipeline.engine.config import LaunchConfig
 from pipeline.engine.distributed import barrier, free_cores, setup, teardown
 from stages import load_trained
@@ -47,6 +47,9 @@ class Config:
     text_length: int = 32
     batch_size: int = 64
     num_workers: int = 2
+    # The encoder's torch threads on CPU; 0: all of this process's cores. The loader workers only
+    # decode and tokenize, a small part of a core beside the encoder, and sleep once their queue is full.
+    cpu_threads: int = 0
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self) -> None:
@@ -55,19 +58,33 @@ class Config:
                 raise ValueError(f"{key} is required")
         if self.autoencoder_stage not in CODE_STAGES:
             raise ValueError(f"autoencoder_stage must be one of {', '.join(CODE_STAGES)}, got {self.autoencoder_stage!r}")
+        check_tokenizer(self.tokenizer)
 
 
 class _ShardBatches(IterableDataset):
     """(shard index, batch or None, skips) for this rank's unfinished shards, whole shards per loader
-    worker; skips (reason -> count) is None except on a shard's last batch."""
+    worker; skips (reason -> count) is None except on a shard's last batch. Batches carry their
+    captions' tokens (`text_tokens`): tokenizing, like decoding, happens in the loader workers, which
+    overlap it with the encoder's work in the main process."""
 
-    def __init__(self, urls: list[tuple[int, str]], resolution: int, batch_size: int) -> None:
+    def __init__(self, urls: list[tuple[int, str]], resolution: int, batch_size: int, tokenizer: str,
+                 text_length: int) -> None:
         self.urls, self.resolution, self.batch_size = urls, resolution, batch_size
+        self.tokenizer, self.text_length = tokenizer, text_length
 
     def __iter__(self) -> Iterator[tuple[int, dict | None, dict | None]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for index, url in self.urls[worker::workers]:
+        urls = self.urls[worker::workers]
+        if not urls:
+            return
+        tokenize = make_tokenizer(self.tokenizer, self.text_length)
+
+        def tokenized(samples: list[dict]) -> dict:
+            batch = collate(samples)
+            return {**batch, "text_tokens": tokenize(batch["caption"])}
+
+        for index, url in urls:
             samples, skipped = [], {}
             for item in iter_raw_samples(url):
                 sample = item if isinstance(item, Skip) else image_sample(item, self.resolution, "center", random.Random(0))
@@ -76,9 +93,9 @@ class _ShardBatches(IterableDataset):
                     continue
                 samples.append(sample)
                 if len(samples) == self.batch_size:
-                    yield index, collate(samples), None
+                    yield index, tokenized(samples), None
                     samples = []
-            yield index, collate(samples) if samples else None, skipped  # the shard's last batch
+            yield index, tokenized(samples) if samples else None, skipped  # the shard's last batch
 
 
 def run(cfg: Config) -> int:
@@ -94,26 +111,24 @@ def _pretokenize(cfg: Config, dist) -> None:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, model_cfg, weights_hash = load_trained(cfg.autoencoder, cfg.autoencoder_stage)
-    model.to(dist.device)
+    model.to(dist.device, memory_format=torch.channels_last)  # faster convolutions
     resolution = model_cfg.data.resolution
-    torch.set_num_threads(free_cores(cfg.num_workers))
+    torch.set_num_threads(cfg.cpu_threads or free_cores(0))
     urls = expand_shards(cfg.shards)
     names = [Path(url).name for url in urls]
     if len(set(names)) != len(names):
         raise ValueError(f"shards={cfg.shards!r}: shard file names must be unique, they name the outputs")
     mine = [(index, url) for index, url in enumerate(urls)
             if index % dist.world_size == dist.rank and not _stats_path(out, names[index]).exists()]
-    tokenize = make_tokenizer(cfg.tokenizer, cfg.text_length)
-    dataset = _ShardBatches(mine, resolution, cfg.batch_size)
+    dataset = _ShardBatches(mine, resolution, cfg.batch_size, cfg.tokenizer, cfg.text_length)
     loader = DataLoader(dataset, batch_size=None, num_workers=min(cfg.num_workers, len(mine)))
     writers: dict[int, tuple[webdataset.TarWriter, int]] = {}
     progress = tqdm(total=len(mine), desc=f"pretokenize rank {dist.rank}", unit="shard", disable=not mine)
     for index, batch, skipped in loader:
         writer, count = writers.get(index) or (webdataset.TarWriter(str(_temporary(out, names[index]))), 0)
         if batch is not None:
-            codes = encode(model, batch["image"].to(dist.device))  # (B, codes per image)
-            text = tokenize(batch["caption"])
-            for key, caption, text_tokens, image_tokens in zip(batch["key"], batch["caption"], text, codes):
+            codes = encode(model, batch["image"].to(dist.device, memory_format=torch.channels_last))  # (B, codes per image)
+            for key, caption, text_tokens, image_tokens in zip(batch["key"], batch["caption"], batch["text_tokens"], codes):
                 writer.write({"__key__": key, **token_members(caption, text_tokens, image_tokens)})
             count += len(batch["key"])
         writers[index] = (writer, count)

@@ -15,6 +15,7 @@ def make_tokenizer(spec: str, length: int) -> Tokenize:
     transformers tokenizer saved in a local folder) or `words:FILE` (a word list, one per line: word
     i is token i + 2, 0 pads, 1 is any other word; for small-vocabulary data such as the shapes).
     Returns a function from captions to a (len(captions), length) LongTensor, padded and truncated."""
+    check_tokenizer(spec)
     kind, _, name = spec.partition(":")
     if kind == "words":
         ids = {word: i for i, word in enumerate(_word_list(name), 2)}
@@ -24,17 +25,26 @@ def make_tokenizer(spec: str, length: int) -> Tokenize:
 
         tokenizer = open_clip.get_tokenizer(name, context_length=length)
         return lambda captions: tokenizer(captions).long()
-    if kind == "hf":
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # kind == "hf"
 
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        return lambda captions: tokenizer(captions, padding="max_length", truncation=True, max_length=length,
-                                          return_tensors="pt").input_ids.long()
-    raise ValueError(f"tokenizer must look like 'open_clip:ViT-B-32', 'hf:/path/to/tokenizer' or 'words:FILE', got {spec!r}")
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    return lambda captions: tokenizer(captions, padding="max_length", truncation=True, max_length=length,
+                                      return_tensors="pt").input_ids.long()
+
+
+def check_tokenizer(spec: str) -> None:
+    """Raises the error make_tokenizer would for a malformed spec or a missing word list, without
+    loading a tokenizer library, so that a config is checked before any work starts."""
+    kind, _, name = spec.partition(":")
+    if kind not in ("open_clip", "hf", "words") or not name:
+        raise ValueError(f"tokenizer must look like 'open_clip:ViT-B-32', 'hf:/path/to/tokenizer' or 'words:FILE', got {spec!r}")
+    if kind == "words":
+        _word_list(name)
 
 
 def vocab_size(spec: str) -> int:
     """The number of token ids the tokenizer `spec` (as for make_tokenizer) can produce."""
+    check_tokenizer(spec)
     kind, _, name = spec.partition(":")
     if kind == "words":
         return len(_word_list(name)) + 2
@@ -42,12 +52,9 @@ def vocab_size(spec: str) -> int:
         import open_clip
 
         return open_clip.get_tokenizer(name).vocab_size
-    if kind == "hf":
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # kind == "hf"
 
-        return len(AutoTokenizer.from_pretrained(name, local_files_only=True))
-    make_tokenizer(spec, 1)  # raises the error for a bad spec
-    raise AssertionError
+    return len(AutoTokenizer.from_pretrained(name, local_files_only=True))
 
 
 def portable(spec: str) -> str:

@@ -55,6 +55,9 @@ class EngineConfig:
     activation_checkpointing: bool = False  # models that support it recompute activations in backward
     timeout_s: int = 600  # a collective waiting longer than this fails the run instead of hanging
     cpu_threads: int = 0  # torch threads per process on CPU; 0: this node's cores shared out, data workers counted
+    # Convolutional models: weights and image batches in NHWC (channels-last) order, which oneDNN and
+    # cuDNN convolve faster (a tiny dVAE's training step on 2 CPU cores: 244 -> 184 ms).
+    channels_last: bool = False
 
     def validate(self) -> None:
         if not 0 <= self.zero_stage <= 3:
@@ -63,6 +66,8 @@ class EngineConfig:
             raise ValueError("zero_stage needs backend 'deepspeed'")
         if self.grad_accum < 1 or self.timeout_s < 1:
             raise ValueError("grad_accum and timeout_s must be >= 1")
+        if self.channels_last and self.backend == "deepspeed":
+            raise ValueError("channels_last needs backend 'accelerate': DeepSpeed keeps parameters in flat contiguous buffers")
 
 
 @dataclass

@@ -90,7 +90,10 @@ class _Run:
             threads = _cpu_threads(cfg)
             os.environ["OMP_NUM_THREADS"] = str(threads)  # else accelerate sets its own count over ours
             torch.set_num_threads(threads)
+        self.memory_format = torch.channels_last if cfg.engine.channels_last else torch.preserve_format
         model = build_model(cfg).to(dist.device)
+        if cfg.engine.channels_last:
+            model.to(memory_format=torch.channels_last)
         self.backend = make_backend(model, cfg, dist)
         self.ema = (AveragedModel(self.backend.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema_decay),
                                   use_buffers=True) if cfg.trainer.ema_decay else None)
@@ -140,7 +143,7 @@ class _Run:
                 good = 0
                 while good < cfg.engine.grad_accum:
                     start = time.perf_counter()
-                    batch = _to_device(next(batches), dist.device)
+                    batch = _to_device(next(batches), dist.device, self.memory_format)
                     waited += time.perf_counter() - start
                     if self.preview is None:
                         self.preview = batch
@@ -222,9 +225,11 @@ def _nonfinite_anywhere(loss: torch.Tensor) -> bool:
     return bad
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-            for key, value in batch.items()}
+def _to_device(batch: dict, device: torch.device, memory_format: torch.memory_format) -> dict:
+    """The batch's tensors on device, image batches (4-D) in memory_format."""
+    def move(value: torch.Tensor) -> torch.Tensor:
+        return value.to(device, non_blocking=True, memory_format=memory_format if value.dim() == 4 else torch.preserve_format)
+    return {key: move(value) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 def _seed_everything(seed: int, deterministic: bool) -> None:

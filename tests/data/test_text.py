@@ -35,3 +35,16 @@ def test_a_word_list_spec_is_made_absolute_for_the_manifest(tmp_path):
         make_tokenizer(f"words:{tmp_path / 'missing.txt'}", 8)
     with pytest.raises(ValueError, match="words:FILE"):
         vocab_size("bpe:thing")
+
+
+def test_pretokenize_checks_its_tokenizer_before_any_work(tmp_path):
+    from pipeline.config import load_config
+    from stages import pretokenize
+
+    base = [f"out_dir={tmp_path / 'out'}", f"shards={tmp_path / 'none'}", f"autoencoder={tmp_path / 'none'}"]
+    for spec, error in ((f"words:{tmp_path / 'missing.txt'}", "no such word list"), ("bpe:thing", "words:FILE"),
+                        ("open_clip", "words:FILE")):
+        with pytest.raises((ValueError, FileNotFoundError), match=error):
+            load_config(pretokenize.Config, None, [*base, f"tokenizer={spec}"])
+    assert load_config(pretokenize.Config, None, [*base, f"tokenizer=words:{WORDS}"]).tokenizer == f"words:{WORDS}"
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,8 @@ def test_stage_configs_check_their_knobs_before_any_work():
         load_config(vae.Config, "configs/vae/tiny.yaml", [*REQUIRED, "data.resolution=64"])
     with pytest.raises(ConfigError, match="zero_stage needs backend 'deepspeed'"):
         load_config(vae.Config, "configs/vae/tiny.yaml", [*REQUIRED, "engine.zero_stage=2"])
+    with pytest.raises(ConfigError, match="channels_last needs backend 'accelerate'"):
+        load_config(vae.Config, "configs/vae/tiny.yaml", [*REQUIRED, "engine.backend=deepspeed", "engine.channels_last=true"])
     with pytest.raises(ConfigError, match="set data.tokenizer"):
         load_config(cvae.Config, "configs/cvae/tiny.yaml", [*REQUIRED, "data.tokenizer=null"])
     with pytest.raises(ConfigError, match=r"configs/vae/tiny.yaml.*missing|data.shards is required"):

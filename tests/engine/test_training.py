@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from torch import nn
 
 from pipeline.config import load_config
 from pipeline.engine.checkpoint import latest, step_of
-from pipeline.engine.loop import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
+from pipeline.engine.loop import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, train
 from tests.engine import toy_stage
 from tests.engine.conftest import toy_overrides
 
@@ -84,3 +85,33 @@ def test_sigusr1_inside_a_step_checkpoints_that_step_exits_preempted_and_resumes
     assert "(step 4)" in output and not (out / PREEMPTED_MARKER).exists()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))  # no step trained twice, none missing
+
+
+class _Conv(nn.Module):
+    """Records, per call, whether its input batch and its weight are channels-last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.seen = nn.Conv2d(3, 3, 3, padding=1), []
+
+    def forward(self, batch: dict) -> dict:
+        self.seen.append((batch["image"].is_contiguous(memory_format=torch.channels_last),
+                          self.conv.weight.is_contiguous(memory_format=torch.channels_last)))
+        loss = (self.conv(batch["image"]) - batch["image"]).pow(2).mean()
+        return {"loss": loss}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_puts_weights_and_image_batches_in_nhwc_and_saves_plain_weights(shapes_shards, tmp_path,
+                                                                                       channels_last):
+    models = []
+    cfg = load_config(toy_stage.Config, None, toy_overrides(shapes_shards, tmp_path / "run", **{
+        "trainer.max_steps": 3, "engine.channels_last": channels_last}))
+    train(cfg, lambda c: models.append(_Conv()) or models[0])
+    assert models[0].seen == [(channels_last, channels_last)] * 3
+    weights = _weights(tmp_path / "run")
+    assert all(value.is_contiguous() for value in weights.values())
+    fresh = _Conv()
+    fresh.load_state_dict(weights)
+    image = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fresh.conv(image), models[0].conv(image.contiguous(memory_format=torch.channels_last)))

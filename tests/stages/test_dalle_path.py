@@ -1,14 +1,17 @@
 """pretokenize, the prior stage and sampling, end to end on tiny models."""
+import io
 import json
 import subprocess
 import sys
 import tarfile
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
 
 from pipeline.config import load_config
+from pipeline.data.text import make_tokenizer
 from stages import dalle, sample
 
 
@@ -20,16 +23,28 @@ def _keys(folder) -> list[str]:
     return keys
 
 
+def _check_caption_tokens(folder) -> None:
+    """Every sample's KEY.text.npy is its caption through the manifest's tokenizer."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    tokenize = make_tokenizer(manifest["tokenizer"], manifest["text_length"])
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {name: tar.extractfile(name).read() for name in tar.getnames()}
+        keys = sorted(name.split(".")[0] for name in members if name.endswith(".txt"))
+        captions = [members[f"{key}.txt"].decode() for key in keys]
+        tokens = np.stack([np.load(io.BytesIO(members[f"{key}.text.npy"])) for key in keys])
+        assert tokens.dtype == np.uint16
+        assert np.array_equal(tokens, tokenize(captions).numpy())
+
+
 def test_token_shards_hold_every_image_key_once_with_the_manifest(dalle_path):
     assert sorted(_keys(dalle_path / "tokens")) == sorted(_keys(dalle_path / "shapes"))
     assert len(set(_keys(dalle_path / "tokens"))) == 90
     manifest = json.loads((dalle_path / "tokens" / "manifest.json").read_text())
     assert manifest["samples"] == {"00000.tar": 30, "00001.tar": 30, "00002.tar": 30}
     assert manifest["code_grids"] == [8] and len(manifest["autoencoder_sha256"]) == 64
+    _check_caption_tokens(dalle_path / "tokens")
     with tarfile.open(dalle_path / "tokens" / "00000.tar") as tar:
-        import io
-
-        import numpy as np
         image = np.load(io.BytesIO(tar.extractfile("000000000.image.npy").read()))
         assert image.dtype == np.uint16 and image.shape == (64,) and image.max() < 512
 
@@ -56,6 +71,7 @@ def test_pretokenize_over_two_ranks_is_disjoint_resumable_and_idempotent(dalle_p
     assert {name: (out / name).stat().st_mtime_ns for name in finished} == finished  # not redone
     keys = _keys(out)
     assert len(keys) == len(set(keys)) == 90 and sorted(keys) == sorted(_keys(dalle_path / "shapes"))
+    _check_caption_tokens(out)  # tokenized in the loader workers
 
 
 def test_the_prior_refuses_tokens_made_by_another_dvae(dalle_path, tmp_path):
