@@ -18,6 +18,8 @@ from pipeline.config import dump_config, load_config
 from pipeline.data.build import shapes_examples, write_shards
 from stages import dvae, pretokenize
 
+SHARD_SIZE = 128  # samples per shard
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        write_shards(shapes_examples(args.count, args.resolution, seed=0), root / "shapes", 128, args.count)
+        write_shards(shapes_examples(args.count, args.resolution, seed=0), root / "shapes", SHARD_SIZE, args.count)
         cfg = load_config(dvae.Config, None, [f"data.shards={root / 'shapes'}", f"trainer.out_dir={root / 'dvae'}",
                                               f"data.resolution={args.resolution}", f"model.image_size={args.resolution}",
                                               f"model.n_hid={args.n_hid}", f"model.codebook_size={args.codebook_size}"])
@@ -52,7 +54,7 @@ def main() -> None:
         # without the start-up (imports, model load, the first batch) that a long run amortises.
         shards = sorted(str(path) for path in (root / "shapes").glob("*.tar"))
         few = max(1, len(shards) // 8)
-        few_count = few * 128
+        few_count = few * SHARD_SIZE
         few_seconds = stage_seconds(shards[:few], "tokens-few")
         all_seconds = stage_seconds(shards, "tokens")
         stage_rate = args.count / all_seconds
