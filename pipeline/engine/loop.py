@@ -91,9 +91,7 @@ class _Run:
             os.environ["OMP_NUM_THREADS"] = str(threads)  # else accelerate sets its own count over ours
             torch.set_num_threads(threads)
         self.memory_format = torch.channels_last if cfg.engine.channels_last else torch.preserve_format
-        model = build_model(cfg).to(dist.device)
-        if cfg.engine.channels_last:
-            model.to(memory_format=torch.channels_last)
+        model = build_model(cfg).to(dist.device, memory_format=self.memory_format)
         self.backend = make_backend(model, cfg, dist)
         self.ema = (AveragedModel(self.backend.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema_decay),
                                   use_buffers=True) if cfg.trainer.ema_decay else None)
