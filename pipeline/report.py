@@ -9,9 +9,8 @@ import tarfile
 from pathlib import Path
 
 import PIL.Image
-import torch
-import torchvision
 
+from pipeline.images import image_grid
 from pipeline.launch.dag import Job
 
 _CURVES = ("loss", "recon", "kl")
@@ -92,14 +91,14 @@ def _shards_preview(out: Path, root: Path, count: int = 16) -> str:
             data = tar.extractfile(member).read() if member.isfile() else b""
             if member.name.endswith((".jpg", ".png", ".webp")) and len(images) < count:
                 image = PIL.Image.open(io.BytesIO(data)).convert("RGB").resize((64, 64))
-                images.append(torchvision.transforms.functional.pil_to_tensor(image))
+                images.append(image)
             elif member.name.endswith(".txt") and len(captions) < 8:
                 captions.append(data.decode())
     summary = f"<p>{sum(sizes.values())} samples in {len(sizes)} shards</p>"
     if not images:  # token shards: nothing to look at
         return summary + f"<ol>{''.join(f'<li>{html.escape(caption)}</li>' for caption in captions)}</ol>"
     grid = out / "preview.png"
-    torchvision.utils.save_image(torchvision.utils.make_grid(torch.stack(images).float() / 255, nrow=8), grid)
+    image_grid(images, columns=8, padding=2).save(grid)
     listing = "".join(f"<li>{html.escape(caption)}</li>" for caption in captions)
     return (f"{summary}<figure><img src='{_rel(grid, root)}'>"
             f"<figcaption>first images</figcaption></figure><ol>{listing}</ol>")

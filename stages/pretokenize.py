@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import random
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -122,27 +124,48 @@ def _pretokenize(cfg: Config, dist) -> None:
             if index % dist.world_size == dist.rank and not _stats_path(out, names[index]).exists()]
     dataset = _ShardBatches(mine, resolution, cfg.batch_size, cfg.tokenizer, cfg.text_length)
     loader = DataLoader(dataset, batch_size=None, num_workers=min(cfg.num_workers, len(mine)))
-    writers: dict[int, tuple[webdataset.TarWriter, int]] = {}
+    shards: dict[int, _TokenShard] = {}
     progress = tqdm(total=len(mine), desc=f"pretokenize rank {dist.rank}", unit="shard", disable=not mine)
-    for index, batch, skipped in loader:
-        writer, count = writers.get(index) or (webdataset.TarWriter(str(_temporary(out, names[index]))), 0)
-        if batch is not None:
-            codes = encode(model, batch["image"].to(dist.device, memory_format=torch.channels_last))  # (B, codes per image)
-            for key, caption, text_tokens, image_tokens in zip(batch["key"], batch["caption"], batch["text_tokens"], codes):
-                writer.write({"__key__": key, **token_members(caption, text_tokens, image_tokens)})
-            count += len(batch["key"])
-        writers[index] = (writer, count)
-        if skipped is not None:  # the shard's last batch
-            writer.close()
-            os.replace(_temporary(out, names[index]), out / names[index])
-            _write_json(_stats_path(out, names[index]), {"successes": count, "skipped": skipped, "source": urls[index]})
-            del writers[index]
-            progress.update(1)
+    # One thread writes the tars, in submission order, while the encoder works on the next batch.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: deque[Future] = deque()
+        for index, batch, skipped in loader:
+            shard = shards.setdefault(index, _TokenShard(out, names[index], urls[index]))
+            if batch is not None:
+                codes = encode(model, batch["image"].to(dist.device, memory_format=torch.channels_last))  # (B, codes per image)
+                pending.append(writer.submit(shard.write, batch, codes.cpu()))
+            if skipped is not None:  # the shard's last batch
+                pending.append(writer.submit(shard.finish, skipped))
+                pending[-1].add_done_callback(lambda _: progress.update(1))
+                del shards[index]
+            while len(pending) > 2 or (pending and pending[0].done()):
+                pending.popleft().result()  # a write's error stops the stage here
+        for future in pending:
+            future.result()
     progress.close()
     barrier()
     if dist.is_main:
         grids = [grid.shape[-1] for grid in _grids(model, torch.zeros(1, 3, resolution, resolution, device=dist.device))]
         _write_manifest(out, urls, names, weights_hash, cfg, model_cfg.model.codebook_size, grids)
+
+
+class _TokenShard:
+    """One output shard, written under a temporary name and renamed when complete; its stats file,
+    written last, marks it finished."""
+
+    def __init__(self, out: Path, name: str, source: str) -> None:
+        self.out, self.name, self.source, self.count = out, name, source, 0
+        self.tar = webdataset.TarWriter(str(_temporary(out, name)))
+
+    def write(self, batch: dict, codes: torch.Tensor) -> None:
+        for key, caption, text_tokens, image_tokens in zip(batch["key"], batch["caption"], batch["text_tokens"], codes):
+            self.tar.write({"__key__": key, **token_members(caption, text_tokens, image_tokens)})
+        self.count += len(batch["key"])
+
+    def finish(self, skipped: dict) -> None:
+        self.tar.close()
+        os.replace(_temporary(self.out, self.name), self.out / self.name)
+        _write_json(_stats_path(self.out, self.name), {"successes": self.count, "skipped": skipped, "source": self.source})
 
 
 def read_manifest(shards: str, autoencoder: str) -> dict:
@@ -201,3 +224,4 @@ def _write_json(path: Path, value: dict) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(json.dumps(value, indent=1))
     os.replace(temporary, path)
+

@@ -26,6 +26,7 @@ from pipeline.config import load_config
 from pipeline.data import shapes
 from pipeline.data.text import make_tokenizer
 from pipeline.engine.config import LaunchConfig
+from pipeline.images import to_pil
 from stages import dalle, load_stage, load_trained, pixelcnn
 from stages.cvae import heldout_captions
 from stages.pretokenize import split_codes
@@ -146,7 +147,7 @@ def run(cfg: Config) -> int:
         batch = ranker.best(candidates, [c for c, _ in chunk]) if ranker else candidates[0]
         for (caption, seed), image in zip(chunk, batch):
             name = f"{len(records):04d}.png"
-            picture = _to_pil(image)
+            picture = to_pil(image)
             picture.save(out / name)
             images.append(picture)
             records.append({"file": name, "caption": caption, "seed": seed})
@@ -156,11 +157,6 @@ def run(cfg: Config) -> int:
         _score(out, images, records)
     print(f"wrote {len(records)} samples for {len(captions)} caption(s) to {out}")
     return 0
-
-
-def _to_pil(image: torch.Tensor) -> PIL.Image.Image:
-    array = image.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return PIL.Image.fromarray(array)
 
 
 def _caption_grid(images: list[PIL.Image.Image], captions: list[str], per_row: int, cell: int = 128) -> PIL.Image.Image:
@@ -215,7 +211,7 @@ class _ClipRanker:
         text = text / text.norm(dim=-1, keepdim=True)
         scores = []
         for images in candidates:
-            pixels = torch.stack([self.preprocess(_to_pil(image)) for image in images])
+            pixels = torch.stack([self.preprocess(to_pil(image)) for image in images])
             features = self.model.encode_image(pixels)
             scores.append((features / features.norm(dim=-1, keepdim=True) * text).sum(-1))  # (B,)
         choice = torch.stack(scores).argmax(0)  # (B,)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.engine.host_memory import keep_freed_memory
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -25,7 +27,8 @@ class DistInfo:
 
 
 def setup(backend: str, timeout_s: int) -> DistInfo:
-    """Joins torchrun's process group (if any) and picks this rank's device."""
+    """Joins torchrun's process group (if any) and picks this rank's device; on CPU, makes malloc keep
+    freed memory (host_memory)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
@@ -34,6 +37,7 @@ def setup(backend: str, timeout_s: int) -> DistInfo:
         torch.cuda.set_device(device)
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede DeepSpeed's import
+        keep_freed_memory()
     timeout = datetime.timedelta(seconds=timeout_s)
     if backend == "deepspeed":
         os.environ.setdefault("RANK", "0")  # DeepSpeed wants a process group even for one process

@@ -6,9 +6,11 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-import torchvision
 from tqdm import tqdm
+
+from pipeline.images import image_grid, to_pil
 
 
 class Monitor:
@@ -60,10 +62,10 @@ class Monitor:
         folder = self.out_dir / "images"
         folder.mkdir(exist_ok=True)
         for name, images in grids.items():
-            grid = torchvision.utils.make_grid(images.float().clamp(-1, 1).add(1).div(2).cpu(), nrow=columns, padding=1)
-            torchvision.utils.save_image(grid, folder / f"{name}-step-{step:08d}.png")
-            torchvision.utils.save_image(grid, folder / f"{name}.png")  # the latest, under a stable name
-            self.writer.add_image(f"images/{name}", grid, step)
+            grid = image_grid([to_pil(image) for image in images], columns)
+            grid.save(folder / f"{name}-step-{step:08d}.png")
+            grid.save(folder / f"{name}.png")  # the latest, under a stable name
+            self.writer.add_image(f"images/{name}", np.asarray(grid), step, dataformats="HWC")
 
     def close(self) -> None:
         if self.enabled:
