@@ -23,7 +23,8 @@ def cosine_schedule(step: int, start: float, end: float, steps: int) -> float:
 def gumbel_softmax(logits: Tensor, temperature: float, hard: bool) -> Tensor:
     """A relaxed sample softmax((logits + g) / temperature) over dim 1, g ~ Gumbel(0, 1). With
     `hard` the value is exactly the one-hot of its argmax while the gradient is the relaxed one."""
-    gumbels = -torch.empty_like(logits).exponential_().log()
+    # -log(-log U), U ~ Uniform(tiny, 1): several times faster on CPU than -log of exponential_()
+    gumbels = -torch.empty_like(logits).uniform_(torch.finfo(logits.dtype).tiny, 1).log().neg_().log()
     soft = ((logits + gumbels) / temperature).softmax(1)
     if not hard:
         return soft
