@@ -130,7 +130,9 @@ def _pretokenize(cfg: Config, dist) -> None:
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending: deque[Future] = deque()
         for index, batch, skipped in loader:
-            shard = shards.setdefault(index, _TokenShard(out, names[index], urls[index]))
+            if index not in shards:
+                shards[index] = _TokenShard(out, names[index], urls[index])
+            shard = shards[index]
             if batch is not None:
                 codes = encode(model, batch["image"].to(dist.device, memory_format=torch.channels_last))  # (B, codes per image)
                 pending.append(writer.submit(shard.write, batch, codes.cpu()))

@@ -57,7 +57,9 @@ def _pretokenize(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess
 
 def test_pretokenize_over_two_ranks_is_disjoint_resumable_and_idempotent(dalle_path, tmp_path):
     out = tmp_path / "tokens"
-    args = [f"shards={dalle_path / 'shapes'}", f"autoencoder={dalle_path / 'dvae'}", f"out_dir={out}", "num_workers=1"]
+    # batches of 8: several per 30-sample shard, written by one writer each
+    args = [f"shards={dalle_path / 'shapes'}", f"autoencoder={dalle_path / 'dvae'}", f"out_dir={out}", "num_workers=1",
+            "batch_size=8"]
     first = _pretokenize(args)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert sorted(_keys(out)) == sorted(_keys(dalle_path / "shapes"))
