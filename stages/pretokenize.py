@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline.data.samples import collate, image_sample, token_members
-from pipeline.data.tars import Skip, expand_shards, iter_raw_samples
+from pipeline.data.tars import Skip, expand_shards, iter_raw_samples, whole_second_mtime
 from pipeline.data.text import check_tokenizer, make_tokenizer, portable
 from pipeline.engine.config import LaunchConfig
 from pipeline.engine.distributed import barrier, free_cores, setup, teardown
@@ -157,7 +157,7 @@ class _TokenShard:
 
     def __init__(self, out: Path, name: str, source: str) -> None:
         self.out, self.name, self.source, self.count = out, name, source, 0
-        self.tar = webdataset.TarWriter(str(_temporary(out, name)))
+        self.tar = webdataset.TarWriter(str(_temporary(out, name)), mtime=whole_second_mtime())
 
     def write(self, batch: dict, codes: torch.Tensor) -> None:
         for key, caption, text_tokens, image_tokens in zip(batch["key"], batch["caption"], batch["text_tokens"], codes):

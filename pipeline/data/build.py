@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pipeline.data import shapes
 from pipeline.data.decode import IMAGE_EXTENSIONS
+from pipeline.data.tars import whole_second_mtime
 
 _KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -115,7 +116,8 @@ def write_shards(examples: Iterator[Example], out_dir: str | os.PathLike, sample
     out.mkdir(parents=True, exist_ok=True)
     sizes: dict[str, int] = {}
     written = 0
-    with webdataset.ShardWriter(str(out / "%05d.tar"), maxcount=samples_per_shard, verbose=0) as writer:
+    with webdataset.ShardWriter(str(out / "%05d.tar"), maxcount=samples_per_shard, verbose=0,
+                                 mtime=whole_second_mtime()) as writer:
         for example in tqdm(examples, total=total, desc=f"writing {out}", unit="img"):
             key = f"{written:09d}"
             writer.write({"__key__": key, example.extension: example.image, "txt": example.caption,

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import tarfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
@@ -36,6 +37,13 @@ class Skip:
     shard: str
     key: str = ""
     detail: str = ""
+
+
+def whole_second_mtime() -> int:
+    """The mtime our writers give tar members (webdataset's `mtime=`): now, in whole seconds.
+    webdataset's default is a float, and tarfile stores a float mtime in a pax header before every
+    member, which doubles the headers readers parse: token shards read 2.9x slower, at twice the size."""
+    return int(time.time())
 
 
 def expand_shards(pattern: str) -> list[str]:

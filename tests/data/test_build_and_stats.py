@@ -31,6 +31,7 @@ def test_shapes_shards_have_the_img2dataset_layout_and_are_deterministic(tmp_pat
     assert json.loads((tmp_path / "a" / "sizes.json").read_text()) == {"00000.tar": 10, "00001.tar": 10,
                                                                         "00002.tar": 5}
     with tarfile.open(first["shards"][0]) as tar:
+        assert all(not member.pax_headers and isinstance(member.mtime, int) for member in tar)  # one header each
         meta = json.loads(tar.extractfile("000000003.json").read())
         assert meta["caption"] == tar.extractfile("000000003.txt").read().decode()
         assert meta["shapes"]

@@ -45,6 +45,7 @@ def test_token_shards_hold_every_image_key_once_with_the_manifest(dalle_path):
     assert manifest["code_grids"] == [8] and len(manifest["autoencoder_sha256"]) == 64
     _check_caption_tokens(dalle_path / "tokens")
     with tarfile.open(dalle_path / "tokens" / "00000.tar") as tar:
+        assert all(not member.pax_headers for member in tar)  # whole-second mtimes: one header per member
         image = np.load(io.BytesIO(tar.extractfile("000000000.image.npy").read()))
         assert image.dtype == np.uint16 and image.shape == (64,) and image.max() < 512
 
