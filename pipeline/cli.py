@@ -71,7 +71,7 @@ def _train(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pipeline.launch.local import run_pipeline
 
-    return run_pipeline(args.pipeline, from_stage=args.from_stage)
+    return run_pipeline(args.pipeline, from_stage=args.from_stage, jobs=args.jobs)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a pipeline's stages on this machine")
     run.add_argument("pipeline", help="pipeline YAML, e.g. configs/pipelines/demo.yaml")
     run.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run STAGE and everything after it")
+    run.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="run up to N independent stages at once, each on its own share of the CPU cores")
     run.set_defaults(handler=_run)
 
     submit = commands.add_parser("submit", help="submit a pipeline's stages as SLURM jobs, chained by dependency")

@@ -1,4 +1,7 @@
-"""The local pipeline runner: order, skipping complete stages, re-running changed ones, failures."""
+"""The local pipeline runner: order, skipping complete stages, re-running changed ones, failures,
+stages side by side on their own cores."""
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +10,7 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.launch.dag import load_pipeline
+from pipeline.launch.local import chain_lengths, core_slots
 
 PIPELINE = """
 name: {name}
@@ -84,3 +88,54 @@ def test_a_bad_key_in_any_stage_stops_the_pipeline_before_it_starts(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'trainer.max_step' \(did you mean 'trainer.max_steps'\?\)"):
         load_pipeline(path)
     assert _run(path).returncode == 2 and not (tmp_path / "runs").exists()
+
+
+PROBES = """
+name: p
+out_dir: {out}
+stages:
+  side: {{stage: tests.probe_stage}}
+  a: {{stage: tests.probe_stage, overrides: [sleep_s=3]}}
+  b: {{stage: tests.probe_stage, overrides: [sleep_s=3]}}
+  last: {{stage: tests.probe_stage, needs: [a, b]}}
+"""
+
+
+def _probes(tmp_path: Path, *args: str) -> dict[str, dict]:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(PROBES.format(out=tmp_path / "runs"))
+    result = _run(path, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {stage: json.loads((tmp_path / "runs" / "p" / stage / "probe.json").read_text())
+            for stage in ("side", "a", "b", "last")}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores")
+def test_with_jobs_independent_stages_run_at_once_on_their_own_cores_critical_path_first(tmp_path):
+    cores = sorted(os.sched_getaffinity(0))
+    runs = _probes(tmp_path, "--jobs", "2")
+    a, b, side, last = runs["a"], runs["b"], runs["side"], runs["last"]
+    assert a["start"] < b["end"] and b["start"] < a["end"]  # at the same time
+    assert not set(a["cores"]) & set(b["cores"]) and sorted(a["cores"] + b["cores"]) == cores
+    # a and b lead to `last`, so both start before `side`, which waits for a free slot
+    assert side["start"] >= min(a["end"], b["end"])
+    assert last["start"] >= max(a["end"], b["end"])
+
+
+def test_one_job_at_a_time_gets_every_core(tmp_path):
+    runs = _probes(tmp_path)
+    order = sorted(runs, key=lambda stage: runs[stage]["start"])
+    assert order == ["a", "b", "side", "last"]  # the stages `last` waits for first
+    assert all(record["cores"] == sorted(os.sched_getaffinity(0)) for record in runs.values())
+    assert runs["a"]["end"] <= runs["b"]["start"]
+
+
+def test_the_core_split_and_the_critical_path_order(tmp_path):
+    assert core_slots([0, 1, 2, 3, 4], 2) == [frozenset({0, 1}), frozenset({2, 3, 4})]
+    assert core_slots([0, 1], 1) == [frozenset({0, 1})]
+    with pytest.raises(ValueError, match="--jobs 3: this process may use 2 CPU core"):
+        core_slots([0, 1], 3)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(PROBES.format(out=tmp_path / "runs"))
+    _, jobs = load_pipeline(path)
+    assert chain_lengths(jobs) == {"side": 0, "a": 1, "b": 1, "last": 0}

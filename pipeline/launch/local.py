@@ -1,13 +1,23 @@
-"""`t2i run`: a pipeline's stages on this machine, in dependency order, each in its own processes."""
+"""`t2i run`: a pipeline's stages on this machine, in dependency order, each in its own processes.
+
+With `jobs` > 1, up to that many stages whose inputs are complete run at once, each pinned to its
+own share of the CPU cores (stages size their threads from their affinity). A stage that starts
+when nothing else runs or is ready gets every core: nothing can become ready before it ends. Ready
+stages start longest chain of dependents first, so the pipeline's critical path is never kept
+waiting behind a side branch. Concurrent stages share the machine's GPUs.
+"""
 from __future__ import annotations
 
 import os
 import shlex
 import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.launch.dag import downstream, load_pipeline
+from pipeline.launch.dag import Job, downstream, load_pipeline
 from pipeline.report import write_report
 
 
@@ -22,38 +32,119 @@ def stage_command(stage: str, config_path: str | None, overrides: list[str], cfg
     return [sys.executable, *args]
 
 
-def run_pipeline(path: str | os.PathLike, from_stage: str | None = None) -> int:
-    """Runs the pipeline's incomplete stages; returns 0, or the exit code of the stage that failed."""
-    name, jobs = load_pipeline(path)
-    if from_stage is not None and from_stage not in {job.name for job in jobs}:
+def core_slots(cores: list[int], jobs: int) -> list[frozenset[int]]:
+    """The cores split into `jobs` disjoint slots, as even as possible, in order."""
+    if not 1 <= jobs <= len(cores):
+        raise ValueError(f"--jobs {jobs}: this process may use {len(cores)} CPU core(s), so 1 to {len(cores)} stages can run at once")
+    return [frozenset(cores[len(cores) * i // jobs:len(cores) * (i + 1) // jobs]) for i in range(jobs)]
+
+
+def chain_lengths(jobs: list[Job]) -> dict[str, int]:
+    """For each job, the number of jobs on its longest chain of dependents."""
+    lengths: dict[str, int] = {}
+    for job in reversed(jobs):  # dependents come after their needs
+        lengths[job.name] = max((1 + lengths[other.name] for other in jobs if job.name in other.needs), default=0)
+    return lengths
+
+
+@dataclass
+class _Running:
+    job: Job
+    process: subprocess.Popen
+    slots: list[int]  # indices into the core slots
+    copier: threading.Thread  # copies the output to the log
+    started: float = field(default_factory=time.monotonic)
+
+
+def run_pipeline(path: str | os.PathLike, from_stage: str | None = None, jobs: int = 1) -> int:
+    """Runs the pipeline's incomplete stages, up to `jobs` at once; returns 0, or the exit code of
+    the first stage that failed (stages already running are let finish; no new one starts)."""
+    name, all_jobs = load_pipeline(path)
+    if from_stage is not None and from_stage not in {job.name for job in all_jobs}:
         raise ValueError(f"--from {from_stage!r}: no such stage in {path}")
-    forced = downstream(jobs, from_stage) if from_stage else set()
-    for job in jobs:
+    slots = core_slots(sorted(os.sched_getaffinity(0)), jobs)
+    forced = downstream(all_jobs, from_stage) if from_stage else set()
+    done: set[str] = set()
+    waiting: list[Job] = []
+    for job in all_jobs:
         if job.name not in forced and job.is_complete():
             print(f"[{name}] {job.name}: complete, skipped ({job.out_dir})", flush=True)
-            continue
-        job.prepare(fresh=job.name in forced)
-        log = job.out_dir / "log.txt"
-        command = stage_command(job.stage, job.config_path, job.overrides, job.cfg)
-        print(f"[{name}] {job.name}: {shlex.join(command)}\n[{name}] {job.name}: log {log}", flush=True)
-        code = _run_logged(command, log)
-        if code != 0:
-            print(f"[{name}] {job.name}: FAILED with exit code {code}; log: {log}", file=sys.stderr, flush=True)
-            return code
-        job.mark_complete()
-    report = write_report(name, jobs, jobs[0].out_dir.parent / "report.html")
-    print(f"[{name}] all {len(jobs)} stages complete; report: {report}", flush=True)
+            done.add(job.name)
+        else:
+            waiting.append(job)
+    priority = chain_lengths(all_jobs)
+    running: list[_Running] = []
+    failure = 0
+    try:
+        while waiting or running:
+            free = [i for i in range(len(slots)) if not any(i in r.slots for r in running)]
+            ready = sorted((job for job in waiting if done.issuperset(job.needs)),
+                           key=lambda job: -priority[job.name])  # stable: file order among equals
+            while not failure and free and ready:
+                job = ready.pop(0)
+                alone = not running and not ready
+                taken, free = (free, []) if alone else ([free[0]], free[1:])
+                waiting.remove(job)
+                running.append(_start(name, job, job.name in forced, taken, slots, echo=jobs == 1))
+            if not running:
+                break
+            finished = _wait_any(running)
+            running.remove(finished)
+            code = finished.process.returncode
+            minutes, seconds = divmod(round(time.monotonic() - finished.started), 60)
+            if code == 0:
+                finished.job.mark_complete()
+                done.add(finished.job.name)
+                print(f"[{name}] {finished.job.name}: done in {minutes}m{seconds:02d}s", flush=True)
+            else:
+                print(f"[{name}] {finished.job.name}: FAILED with exit code {code}; log: {finished.job.out_dir / 'log.txt'}",
+                      file=sys.stderr, flush=True)
+                failure = failure or code
+    finally:
+        for stage in running:  # only after an exception here, e.g. Ctrl-C: SIGTERM makes training stages checkpoint
+            stage.process.terminate()
+            stage.process.wait()
+    if failure:
+        return failure
+    report = write_report(name, all_jobs, all_jobs[0].out_dir.parent / "report.html")
+    print(f"[{name}] all {len(all_jobs)} stages complete; report: {report}", flush=True)
     return 0
 
 
-def _run_logged(command: list[str], log: Path) -> int:
-    """Runs `command`, copying its output to this terminal and to `log`."""
+def _start(name: str, job: Job, fresh: bool, taken: list[int], slots: list[frozenset[int]], echo: bool) -> _Running:
+    """Starts `job` (in an emptied output folder when `fresh`) on the cores of slots `taken`, its
+    output appended to its log (and copied to this terminal when `echo`)."""
+    job.prepare(fresh=fresh)
+    log = job.out_dir / "log.txt"
+    command = stage_command(job.stage, job.config_path, job.overrides, job.cfg)
+    cores = sorted(frozenset().union(*(slots[i] for i in taken)))
+    print(f"[{name}] {job.name}: {shlex.join(command)}\n[{name}] {job.name}: log {log}", flush=True)
+    if len(slots) > 1:
+        print(f"[{name}] {job.name}: started on CPU core(s) {','.join(map(str, cores))}", flush=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               preexec_fn=lambda: os.sched_setaffinity(0, cores))
+    copier = threading.Thread(target=_copy_output, args=(process, log, echo), daemon=True)
+    copier.start()
+    return _Running(job, process, taken, copier)
+
+
+def _copy_output(process: subprocess.Popen, log: Path, echo: bool) -> None:
+    """Appends the process's output to `log`, and to this terminal when `echo`, until it closes."""
+    assert process.stdout is not None
     with open(log, "ab") as handle:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert process.stdout is not None
         while chunk := process.stdout.read1(65536):
             handle.write(chunk)
             handle.flush()
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
-        return process.wait()
+            if echo:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+
+
+def _wait_any(running: list[_Running]) -> _Running:
+    """The first of the running stages to end, after its output is all copied."""
+    while True:
+        for stage in running:
+            if stage.process.poll() is not None:
+                stage.copier.join()
+                return stage
+        time.sleep(0.2)
