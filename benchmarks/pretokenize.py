@@ -56,8 +56,12 @@ def main() -> None:
             return time.perf_counter() - start
 
         # The whole run, and a run over its first eighth: their difference is the steady-state rate,
-        # without the start-up (imports, model load, the first batch) that a long run amortises.
+        # without the start-up (model load, loader workers, the first batch) that a long run amortises.
+        # An untimed run first pays this process's one-time imports (accelerate's, and open_clip's
+        # without loader workers: seconds), which would otherwise fall on the first timed run only
+        # and inflate the difference.
         shards = sorted(str(path) for path in (root / "shapes").glob("*.tar"))
+        stage_seconds(shards[:1], "tokens-warm-up")
         few = max(1, len(shards) // 8)
         few_count = few * args.shard_size
         few_seconds = stage_seconds(shards[:few], "tokens-few")
