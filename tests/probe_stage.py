@@ -21,4 +21,5 @@ def run(cfg: Config) -> int:
     time.sleep(cfg.sleep_s)
     record = {"cores": sorted(os.sched_getaffinity(0)), "start": start, "end": time.time()}
     Path(cfg.out_dir, "probe.json").write_text(json.dumps(record))
+    print(f"probe {Path(cfg.out_dir).name} ran on {record['cores']}", flush=True)
     return 0

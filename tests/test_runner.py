@@ -98,34 +98,40 @@ stages:
   a: {{stage: tests.probe_stage, overrides: [sleep_s=3]}}
   b: {{stage: tests.probe_stage, overrides: [sleep_s=3]}}
   last: {{stage: tests.probe_stage, needs: [a, b]}}
+  final: {{stage: tests.probe_stage, needs: [last, side]}}
 """
 
 
-def _probes(tmp_path: Path, *args: str) -> dict[str, dict]:
+def _probes(tmp_path: Path, *args: str) -> tuple[dict[str, dict], str]:
+    """Each probe's record, and what the runner printed."""
     path = tmp_path / "pipeline.yaml"
     path.write_text(PROBES.format(out=tmp_path / "runs"))
     result = _run(path, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     return {stage: json.loads((tmp_path / "runs" / "p" / stage / "probe.json").read_text())
-            for stage in ("side", "a", "b", "last")}
+            for stage in ("side", "a", "b", "last", "final")}, result.stdout
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores")
 def test_with_jobs_independent_stages_run_at_once_on_their_own_cores_critical_path_first(tmp_path):
     cores = sorted(os.sched_getaffinity(0))
-    runs = _probes(tmp_path, "--jobs", "2")
+    runs, printed = _probes(tmp_path, "--jobs", "2")
     a, b, side, last = runs["a"], runs["b"], runs["side"], runs["last"]
     assert a["start"] < b["end"] and b["start"] < a["end"]  # at the same time
     assert not set(a["cores"]) & set(b["cores"]) and sorted(a["cores"] + b["cores"]) == cores
     # a and b lead to `last`, so both start before `side`, which waits for a free slot
     assert side["start"] >= min(a["end"], b["end"])
     assert last["start"] >= max(a["end"], b["end"])
+    # `final` starts alone: every core, and its output on the terminal; a's went to its log only
+    assert runs["final"]["cores"] == cores and f"probe final ran on {cores}" in printed and "probe a ran" not in printed
+    assert f"probe a ran on {a['cores']}" in (tmp_path / "runs" / "p" / "a" / "log.txt").read_text()
 
 
 def test_one_job_at_a_time_gets_every_core(tmp_path):
-    runs = _probes(tmp_path)
+    runs, printed = _probes(tmp_path)
+    assert all(f"probe {stage} ran" in printed for stage in runs)
     order = sorted(runs, key=lambda stage: runs[stage]["start"])
-    assert order == ["a", "b", "side", "last"]  # the stages `last` waits for first
+    assert order == ["a", "b", "side", "last", "final"]  # the longest chains first
     assert all(record["cores"] == sorted(os.sched_getaffinity(0)) for record in runs.values())
     assert runs["a"]["end"] <= runs["b"]["start"]
 
@@ -138,4 +144,4 @@ def test_the_core_split_and_the_critical_path_order(tmp_path):
     path = tmp_path / "pipeline.yaml"
     path.write_text(PROBES.format(out=tmp_path / "runs"))
     _, jobs = load_pipeline(path)
-    assert chain_lengths(jobs) == {"side": 0, "a": 1, "b": 1, "last": 0}
+    assert chain_lengths(jobs) == {"side": 1, "a": 2, "b": 2, "last": 1, "final": 0}

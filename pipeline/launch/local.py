@@ -1,10 +1,11 @@
 """`t2i run`: a pipeline's stages on this machine, in dependency order, each in its own processes.
 
 With `jobs` > 1, up to that many stages whose inputs are complete run at once, each pinned to its
-own share of the CPU cores (stages size their threads from their affinity). A stage that starts
-when nothing else runs or is ready gets every core: nothing can become ready before it ends. Ready
-stages start longest chain of dependents first, so the pipeline's critical path is never kept
-waiting behind a side branch. Concurrent stages share the machine's GPUs.
+own share of the CPU cores (stages size their threads from their affinity), its output going to
+its log only. A stage that starts when nothing else runs or is ready gets every core and the
+terminal too: nothing can become ready before it ends. Ready stages start longest chain of
+dependents first, so the pipeline's critical path never waits behind a side branch. Concurrent
+stages share the machine's GPUs.
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def run_pipeline(path: str | os.PathLike, from_stage: str | None = None, jobs: i
                 alone = not running and not ready
                 taken, free = (free, []) if alone else ([free[0]], free[1:])
                 waiting.remove(job)
-                running.append(_start(name, job, job.name in forced, taken, slots, echo=jobs == 1))
+                running.append(_start(name, job, job.name in forced, taken, slots, echo=jobs == 1 or alone))
             if not running:
                 break
             finished = _wait_any(running)
@@ -121,6 +122,8 @@ def _start(name: str, job: Job, fresh: bool, taken: list[int], slots: list[froze
     print(f"[{name}] {job.name}: {shlex.join(command)}\n[{name}] {job.name}: log {log}", flush=True)
     if len(slots) > 1:
         print(f"[{name}] {job.name}: started on CPU core(s) {','.join(map(str, cores))}", flush=True)
+    # Between fork and exec the child only sets its affinity, a system call: no lock the copier
+    # threads may hold is touched. Its threads and processes inherit the affinity.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                preexec_fn=lambda: os.sched_setaffinity(0, cores))
     copier = threading.Thread(target=_copy_output, args=(process, log, echo), daemon=True)
