@@ -2,15 +2,19 @@
 stages side by side on their own cores."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import ConfigError
 from pipeline.launch.dag import load_pipeline
-from pipeline.launch.local import chain_lengths, core_slots
+from pipeline.launch.local import chain_lengths, copy_output, core_slots
+
+two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores")
 
 PIPELINE = """
 name: {name}
@@ -112,7 +116,7 @@ def _probes(tmp_path: Path, *args: str) -> tuple[dict[str, dict], str]:
             for stage in ("side", "a", "b", "last", "final")}, result.stdout
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores")
+@two_cores
 def test_with_jobs_independent_stages_run_at_once_on_their_own_cores_critical_path_first(tmp_path):
     cores = sorted(os.sched_getaffinity(0))
     runs, printed = _probes(tmp_path, "--jobs", "2")
@@ -137,7 +141,7 @@ def test_one_job_at_a_time_gets_every_core(tmp_path):
 
 
 def test_the_core_split_and_the_critical_path_order(tmp_path):
-    assert core_slots([0, 1, 2, 3, 4], 2) == [frozenset({0, 1}), frozenset({2, 3, 4})]
+    assert core_slots([0, 1, 2, 3, 4], 2) == [frozenset({2, 3, 4}), frozenset({0, 1})]  # the larger first
     assert core_slots([0, 1], 1) == [frozenset({0, 1})]
     with pytest.raises(ValueError, match="--jobs 3: this process may use 2 CPU core"):
         core_slots([0, 1], 3)
@@ -145,3 +149,58 @@ def test_the_core_split_and_the_critical_path_order(tmp_path):
     path.write_text(PROBES.format(out=tmp_path / "runs"))
     _, jobs = load_pipeline(path)
     assert chain_lengths(jobs) == {"side": 1, "a": 2, "b": 2, "last": 1, "final": 0}
+
+
+SIDE_BY_SIDE = """
+name: p
+out_dir: {out}
+stages:
+  a: {{stage: tests.probe_stage, overrides: [sleep_s={a_sleep}, exit_code={a_exit}]}}
+  b: {{stage: tests.probe_stage, overrides: [sleep_s={b_sleep}]}}
+  after_b: {{stage: tests.probe_stage, needs: [b]}}
+"""
+
+
+@two_cores
+def test_after_a_failure_the_running_stages_finish_and_no_new_one_starts(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(SIDE_BY_SIDE.format(out=tmp_path / "runs", a_sleep=1, a_exit=3, b_sleep=8))
+    result = _run(path, "--jobs", "2")
+    root = tmp_path / "runs" / "p"
+    assert result.returncode == 3 and f"a: FAILED with exit code 3; log: {root / 'a' / 'log.txt'}" in result.stderr
+    assert "waiting for the 1 stage(s) still running; no new stage starts" in result.stderr
+    assert (root / "b" / "probe.json").exists() and "[p] b: done in" in result.stdout  # let finish
+    assert not (root / "after_b").exists()
+
+
+@two_cores
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_asks_its_running_stages_to_checkpoint_and_waits_for_them(tmp_path, signum):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(SIDE_BY_SIDE.format(out=tmp_path / "runs", a_sleep=60, a_exit=0, b_sleep=60))
+    runner = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(path), "--jobs", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stages = [tmp_path / "runs" / "p" / name for name in ("a", "b")]
+    deadline = time.monotonic() + 120
+    while not all((stage / "started").exists() for stage in stages):
+        assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
+        time.sleep(0.1)
+    # A terminal's Ctrl-C goes to the whole foreground process group; SIGTERM to the runner alone.
+    os.killpg(runner.pid, signum) if signum == signal.SIGINT else runner.send_signal(signum)
+    _, stderr = runner.communicate(timeout=60)
+    assert runner.returncode == 130 and "interrupted: stopping b, a" in stderr, stderr
+    for stage in stages:  # SIGTERM, the signal training stages checkpoint on, reached both; none was left running
+        assert (stage / "terminated").exists() and not (stage / "probe.json").exists()
+        assert not Path("/proc", (stage / "started").read_text()).exists()
+    assert not (tmp_path / "runs" / "p" / "after_b").exists()
+
+
+def test_an_output_that_cannot_be_written_is_dropped_and_the_stage_still_runs_to_the_end(tmp_path):
+    # Were the pipe left unread, the stage would block once it filled (64 KiB).
+    stage = subprocess.Popen([sys.executable, "-c", "print('x' * 999_999)"], stdout=subprocess.PIPE)
+    full_disk, log = open("/dev/full", "ab"), open(tmp_path / "log.txt", "ab")
+    problems: list[str] = []
+    copy_output(stage, [log, full_disk], problems)
+    assert stage.wait(timeout=60) == 0 and log.closed
+    assert (tmp_path / "log.txt").read_bytes() == b"x" * 999_999 + b"\n"
+    assert len(problems) == 1 and problems[0].startswith("/dev/full: ") and "No space left" in problems[0]

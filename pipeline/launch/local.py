@@ -6,17 +6,22 @@ its log only. A stage that starts when nothing else runs or is ready gets every 
 terminal too: nothing can become ready before it ends. Ready stages start longest chain of
 dependents first, so the pipeline's critical path never waits behind a side branch. Concurrent
 stages share the machine's GPUs.
+
+Ctrl-C (or SIGTERM, SIGHUP) sends the running stages SIGTERM, on which training stages checkpoint,
+and waits for them; a second one kills them. Stages run in their own sessions, so a terminal's
+Ctrl-C reaches them only this way, never as a SIGINT that would unwind training without a checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pipeline.launch.dag import Job, downstream, load_pipeline
 from pipeline.report import write_report
@@ -34,10 +39,13 @@ def stage_command(stage: str, config_path: str | None, overrides: list[str], cfg
 
 
 def core_slots(cores: list[int], jobs: int) -> list[frozenset[int]]:
-    """The cores split into `jobs` disjoint slots, as even as possible, in order."""
+    """The cores split into `jobs` disjoint slots of consecutive cores, as even as possible, the
+    largest first: the most urgent stage takes the first free slot."""
     if not 1 <= jobs <= len(cores):
-        raise ValueError(f"--jobs {jobs}: this process may use {len(cores)} CPU core(s), so 1 to {len(cores)} stages can run at once")
-    return [frozenset(cores[len(cores) * i // jobs:len(cores) * (i + 1) // jobs]) for i in range(jobs)]
+        raise ValueError(f"--jobs {jobs}: this process may use {len(cores)} CPU core(s), "
+                         f"so 1 to {len(cores)} stages can run at once")
+    slots = [frozenset(cores[len(cores) * i // jobs:len(cores) * (i + 1) // jobs]) for i in range(jobs)]
+    return sorted(slots, key=len, reverse=True)
 
 
 def chain_lengths(jobs: list[Job]) -> dict[str, int]:
@@ -54,12 +62,17 @@ class _Running:
     process: subprocess.Popen
     slots: list[int]  # indices into the core slots
     copier: threading.Thread  # copies the output to the log
+    problems: list[str]  # what the copier could not write
     started: float = field(default_factory=time.monotonic)
 
 
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a Ctrl-C
+
+
 def run_pipeline(path: str | os.PathLike, from_stage: str | None = None, jobs: int = 1) -> int:
-    """Runs the pipeline's incomplete stages, up to `jobs` at once; returns 0, or the exit code of
-    the first stage that failed (stages already running are let finish; no new one starts)."""
+    """Runs the pipeline's incomplete stages, up to `jobs` at once; returns 0, the exit code of
+    the first stage that failed (stages already running are let finish; no new one starts), or
+    INTERRUPTED_EXIT_CODE after Ctrl-C, SIGTERM or SIGHUP once the running stages have stopped."""
     name, all_jobs = load_pipeline(path)
     if from_stage is not None and from_stage not in {job.name for job in all_jobs}:
         raise ValueError(f"--from {from_stage!r}: no such stage in {path}")
@@ -76,6 +89,7 @@ def run_pipeline(path: str | os.PathLike, from_stage: str | None = None, jobs: i
     priority = chain_lengths(all_jobs)
     running: list[_Running] = []
     failure = 0
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while waiting or running:
             free = [i for i in range(len(slots)) if not any(i in r.slots for r in running)]
@@ -92,19 +106,28 @@ def run_pipeline(path: str | os.PathLike, from_stage: str | None = None, jobs: i
             finished = _wait_any(running)
             running.remove(finished)
             code = finished.process.returncode
-            minutes, seconds = divmod(round(time.monotonic() - finished.started), 60)
+            for problem in finished.problems:
+                print(f"[{name}] {finished.job.name}: output lost: {problem}", file=sys.stderr, flush=True)
             if code == 0:
                 finished.job.mark_complete()
                 done.add(finished.job.name)
+                minutes, seconds = divmod(round(time.monotonic() - finished.started), 60)
                 print(f"[{name}] {finished.job.name}: done in {minutes}m{seconds:02d}s", flush=True)
             else:
-                print(f"[{name}] {finished.job.name}: FAILED with exit code {code}; log: {finished.job.out_dir / 'log.txt'}",
-                      file=sys.stderr, flush=True)
+                log = finished.job.out_dir / "log.txt"
+                print(f"[{name}] {finished.job.name}: FAILED with exit code {code}; log: {log}", file=sys.stderr, flush=True)
                 failure = failure or code
+                if running:
+                    print(f"[{name}] waiting for the {len(running)} stage(s) still running; no new stage starts",
+                          file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print(f"\n[{name}] interrupted: stopping {', '.join(r.job.name for r in running) or 'nothing'} "
+              "(training stages checkpoint first; interrupt again to kill)", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
     finally:
-        for stage in running:  # only after an exception here, e.g. Ctrl-C: SIGTERM makes training stages checkpoint
-            stage.process.terminate()
-            stage.process.wait()
+        _stop(running)  # a stage is left running only after an exception
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if failure:
         return failure
     report = write_report(name, all_jobs, all_jobs[0].out_dir.parent / "report.html")
@@ -122,25 +145,55 @@ def _start(name: str, job: Job, fresh: bool, taken: list[int], slots: list[froze
     print(f"[{name}] {job.name}: {shlex.join(command)}\n[{name}] {job.name}: log {log}", flush=True)
     if len(slots) > 1:
         print(f"[{name}] {job.name}: started on CPU core(s) {','.join(map(str, cores))}", flush=True)
+    outputs = [open(log, "ab"), *([sys.stdout.buffer] if echo else [])]
     # Between fork and exec the child only sets its affinity, a system call: no lock the copier
     # threads may hold is touched. Its threads and processes inherit the affinity.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                                preexec_fn=lambda: os.sched_setaffinity(0, cores))
-    copier = threading.Thread(target=_copy_output, args=(process, log, echo), daemon=True)
+    problems: list[str] = []
+    copier = threading.Thread(target=copy_output, args=(process, outputs, problems), daemon=True)
     copier.start()
-    return _Running(job, process, taken, copier)
+    return _Running(job, process, taken, copier, problems)
 
 
-def _copy_output(process: subprocess.Popen, log: Path, echo: bool) -> None:
-    """Appends the process's output to `log`, and to this terminal when `echo`, until it closes."""
+def copy_output(process: subprocess.Popen, outputs: list, problems: list[str]) -> None:
+    """Copies the process's output to `outputs` (the log first, which it closes at the end) until
+    the output ends. It reads to the end whatever happens: a stage whose pipe is not read blocks.
+    An output that fails (a full disk, a closed terminal) is dropped, and the error added to `problems`."""
     assert process.stdout is not None
-    with open(log, "ab") as handle:
+    log, live = outputs[0], list(outputs)
+    try:
         while chunk := process.stdout.read1(65536):
-            handle.write(chunk)
-            handle.flush()
-            if echo:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.buffer.flush()
+            for output in list(live):
+                try:
+                    output.write(chunk)
+                    output.flush()
+                except (OSError, ValueError) as error:
+                    live.remove(output)
+                    problems.append(f"{getattr(output, 'name', 'output')}: {error}")
+    finally:
+        log.close()
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _stop(running: list[_Running]) -> None:
+    """Sends every running stage SIGTERM (training stages checkpoint on it) and waits for them all;
+    an interrupt while waiting kills them, with everything they started."""
+    for stage in running:
+        stage.process.terminate()
+    try:
+        for stage in running:
+            stage.process.wait()
+    except KeyboardInterrupt:
+        for stage in running:
+            with contextlib.suppress(ProcessLookupError):  # its own session: loader workers, torchrun's ranks
+                os.killpg(stage.process.pid, signal.SIGKILL)
+            stage.process.wait()
+    for stage in running:
+        stage.copier.join(timeout=5)
 
 
 def _wait_any(running: list[_Running]) -> _Running:
