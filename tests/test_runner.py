@@ -99,8 +99,8 @@ name: p
 out_dir: {out}
 stages:
   side: {{stage: tests.probe_stage}}
-  a: {{stage: tests.probe_stage, overrides: [sleep_s=3]}}
-  b: {{stage: tests.probe_stage, overrides: [sleep_s=3]}}
+  a: {{stage: tests.probe_stage, overrides: [sleep_s=5]}}
+  b: {{stage: tests.probe_stage, overrides: [sleep_s=5]}}
   last: {{stage: tests.probe_stage, needs: [a, b]}}
   final: {{stage: tests.probe_stage, needs: [last, side]}}
 """
