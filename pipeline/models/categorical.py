@@ -23,9 +23,12 @@ def cosine_schedule(step: int, start: float, end: float, steps: int) -> float:
 def gumbel_softmax(logits: Tensor, temperature: float, hard: bool) -> Tensor:
     """A relaxed sample softmax((logits + g) / temperature) over dim 1, g ~ Gumbel(0, 1). With
     `hard` the value is exactly the one-hot of its argmax while the gradient is the relaxed one."""
-    # -log(-log U), U ~ Uniform(tiny, 1): several times faster on CPU than -log of exponential_()
-    gumbels = -torch.empty_like(logits).uniform_(torch.finfo(logits.dtype).tiny, 1).log().neg_().log()
-    soft = ((logits + gumbels) / temperature).softmax(1)
+    # -log(-log U), U ~ Uniform(tiny, 1): several times faster on CPU than -log of exponential_().
+    # In float32 whatever the logits' dtype: bf16's U stops at 1 - 2^-8, which caps the noise at 5.5
+    # (the largest of 8192 draws is about 9.6), and can be exactly 1 on CUDA (infinite noise).
+    uniform = torch.empty_like(logits, dtype=torch.float32).uniform_(torch.finfo(torch.float32).tiny, 1)
+    gumbels = -uniform.log().neg_().log()
+    soft = ((logits.float() + gumbels) / temperature).softmax(1).to(logits.dtype)
     if not hard:
         return soft
     # hard + (soft - soft) is exact in the forward pass, unlike hard - soft + soft.

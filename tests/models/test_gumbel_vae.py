@@ -53,6 +53,17 @@ def test_argmax_of_the_samples_follows_the_categorical():
     assert torch.allclose(frequency, logits[0].softmax(0), atol=0.015)
 
 
+def test_bf16_logits_get_full_precision_noise():
+    # One code of 8192 has probability e^6 / (e^6 + 8191) = 4.7%. With the noise drawn in bf16 (capped
+    # at 5.5) it would win whenever its own noise beat -0.5: 79% of the time.
+    logits = torch.zeros(2000, 8192, dtype=torch.bfloat16)
+    logits[:, 0] = 6
+    torch.manual_seed(0)
+    y = gumbel_softmax(logits, 1.0, hard=False)
+    assert y.dtype == torch.bfloat16
+    assert abs((y.argmax(1) == 0).float().mean().item() - logits[0].float().softmax(0)[0].item()) < 0.015
+
+
 def test_hard_samples_are_one_hot_and_pass_gradients():
     logits = torch.randn(64, K, N, requires_grad=True)
     torch.manual_seed(0)
