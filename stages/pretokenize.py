@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from pipeline.data.samples import collate, image_sample, token_members
+from pipeline.data.samples import TOKEN_ID_LIMIT, collate, image_sample, token_members
 from pipeline.data.tars import Skip, expand_shards, iter_raw_samples, whole_second_mtime
 from pipeline.data.text import check_tokenizer, make_tokenizer, portable
 from pipeline.engine.config import LaunchConfig
@@ -84,7 +84,11 @@ class _ShardBatches(IterableDataset):
 
         def tokenized(samples: list[dict]) -> dict:
             batch = collate(samples)
-            return {**batch, "text_tokens": tokenize(batch["caption"])}
+            tokens = tokenize(batch["caption"])
+            if tokens.max() >= TOKEN_ID_LIMIT:
+                raise ValueError(f"tokenizer={self.tokenizer!r} gave token id {int(tokens.max())}: token shards store "
+                                 f"ids as uint16, so the tokenizer may have at most {TOKEN_ID_LIMIT} tokens")
+            return {**batch, "text_tokens": tokens}
 
         for index, url in urls:
             samples, skipped = [], {}
@@ -113,6 +117,9 @@ def _pretokenize(cfg: Config, dist) -> None:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, model_cfg, weights_hash = load_trained(cfg.autoencoder, cfg.autoencoder_stage)
+    if model_cfg.model.codebook_size > TOKEN_ID_LIMIT:
+        raise ValueError(f"autoencoder={cfg.autoencoder!r} has codebook_size {model_cfg.model.codebook_size}: token "
+                         f"shards store codes as uint16, so at most {TOKEN_ID_LIMIT} codes")
     model.to(dist.device, memory_format=torch.channels_last)  # faster convolutions
     resolution = model_cfg.data.resolution
     torch.set_num_threads(cfg.cpu_threads or free_cores(0))

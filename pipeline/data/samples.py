@@ -58,8 +58,11 @@ def token_sample(item: RawSample) -> dict | Skip:
             "caption": caption, "key": item.key, "valid": True}
 
 
+TOKEN_ID_LIMIT = 2 ** 16  # token shards store ids as uint16
+
+
 def token_members(caption: str, text_tokens: torch.Tensor, image_tokens: torch.Tensor) -> dict[str, bytes]:
-    """The tar members of one token sample (without its key)."""
+    """The tar members of one token sample (without its key); every id must be < TOKEN_ID_LIMIT."""
     members = {"txt": caption.encode("utf-8")}
     for name, tokens in ((TEXT_TOKENS, text_tokens), (IMAGE_TOKENS, image_tokens)):
         buffer = io.BytesIO()

@@ -8,11 +8,12 @@ import tarfile
 import numpy as np
 import PIL.Image
 import pytest
+import safetensors.torch
 import torch
 
-from pipeline.config import load_config
+from pipeline.config import dump_config, load_config
 from pipeline.data.text import make_tokenizer
-from stages import dalle, sample
+from stages import dalle, dvae, pretokenize, sample
 
 
 def _keys(folder) -> list[str]:
@@ -103,9 +104,27 @@ def test_the_prior_trains_with_deepspeed_zero3_over_two_processes(dalle_path, tm
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     weights = out / "final" / "model.safetensors"
     assert weights.exists()
-    import safetensors.torch
     state = safetensors.torch.load_file(weights)
     assert state["image_head.weight"].shape == (512, 128)  # gathered from the ZeRO-3 shards, whole
+
+
+def test_pretokenize_refuses_ids_that_do_not_fit_uint16_before_writing_anything(dalle_path, tmp_path, monkeypatch):
+    big = load_config(dvae.Config, "configs/dvae/tiny.yaml",
+                      [f"data.shards={dalle_path / 'shapes'}", f"trainer.out_dir={tmp_path / 'big'}",
+                       "model.codebook_size=70000"])
+    (tmp_path / "big" / "final").mkdir(parents=True)
+    safetensors.torch.save_file(dvae.build_model(big).state_dict(), tmp_path / "big" / "final" / "model.safetensors")
+    dump_config(big, tmp_path / "big" / "config.yaml")
+    tokens = [f"shards={dalle_path / 'shapes'}", f"out_dir={tmp_path / 'tokens'}", "num_workers=0"]
+    with pytest.raises(ValueError, match="codebook_size 70000: token shards store codes as uint16, so at most 65536"):
+        pretokenize.run(load_config(pretokenize.Config, "configs/pretokenize/shapes.yaml",
+                                    [*tokens, f"autoencoder={tmp_path / 'big'}"]))
+    monkeypatch.setattr(pretokenize, "make_tokenizer", lambda spec, length: lambda captions: torch.full(
+        (len(captions), length), 70000))
+    with pytest.raises(ValueError, match="gave token id 70000: token shards store ids as uint16"):
+        pretokenize.run(load_config(pretokenize.Config, "configs/pretokenize/shapes.yaml",
+                                    [*tokens, f"autoencoder={dalle_path / 'dvae'}"]))
+    assert not list((tmp_path / "tokens").glob("*.tar"))
 
 
 def _sample(dalle_path, out, **extra) -> list[dict]:
