@@ -47,7 +47,7 @@ class Config:
     top_k: int | None = None
     top_p: float | None = None
     guidance_scale: float = 1.0
-    seed: int = 0
+    seed: int = 0  # image j of each caption is drawn with seed + j: a caption and a seed give one image, in any batch
     batch_size: int = 16
     clip_checkpoint: str = ""  # re-rank with this local open_clip checkpoint
     clip_model: str = "ViT-B-32"
@@ -61,6 +61,12 @@ class Config:
                 raise ValueError(f"{key} is required")
         if self.images_per_caption < 1 or self.batch_size < 1 or self.candidates < 1:
             raise ValueError("images_per_caption, batch_size and candidates must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or null: no limit), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (or null: no limit), got {self.top_p}")
         if self.prior not in PRIORS:
             raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
         if self.prior == "pixelcnn" and self.top_p is not None:
@@ -91,7 +97,7 @@ def load_prior(run: str | Path, stage: str) -> tuple[torch.nn.Module, object]:
     return model.eval(), cfg
 
 
-Sampler = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # caption tokens, generator -> images
+Sampler = Callable[[torch.Tensor, list[torch.Generator]], torch.Tensor]  # caption tokens, one generator each -> images
 
 
 def make_sampler(cfg: Config) -> tuple[Sampler, dict]:
@@ -103,17 +109,17 @@ def make_sampler(cfg: Config) -> tuple[Sampler, dict]:
         dvae, _, _ = load_trained(prior_cfg.dvae, manifest["autoencoder_stage"])
         grid = prior_cfg.model.image_grid
 
-        def sample_dalle(text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        def sample_dalle(text: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
             tokens = prior.generate(text, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                    guidance_scale=cfg.guidance_scale, generator=generator)
+                                    guidance_scale=cfg.guidance_scale, generator=generators)
             return dvae.decode(tokens.view(-1, grid, grid))
         return sample_dalle, manifest
     manifest = pixelcnn.check_tokens(prior_cfg)
     autoencoder, _, _ = load_trained(prior_cfg.autoencoder, manifest["autoencoder_stage"])
     options = {"temperature": cfg.temperature, "top_k": cfg.top_k, "guidance_scale": cfg.guidance_scale}
     if prior_cfg.level == "single":
-        return (lambda text, generator: autoencoder.decode(split_codes(
-            prior.prior.generate(text, generator=generator, **options), manifest["code_grids"])[0])), manifest
+        return (lambda text, generators: autoencoder.decode(split_codes(
+            prior.prior.generate(text, generator=generators, **options), manifest["code_grids"])[0])), manifest
     if prior_cfg.level != "bottom" or not cfg.top_run:
         raise ValueError(f"{cfg.run}: a VQ-VAE-2 {prior_cfg.level} prior: sample with the bottom prior as run "
                          "and the top prior as top_run")
@@ -121,9 +127,9 @@ def make_sampler(cfg: Config) -> tuple[Sampler, dict]:
     if top_cfg.level != "top" or pixelcnn.check_tokens(top_cfg)["autoencoder_sha256"] != manifest["autoencoder_sha256"]:
         raise ValueError(f"top_run={cfg.top_run!r} is not a top-level prior over the same VQ-VAE-2's codes as {cfg.run!r}")
 
-    def sample_hierarchy(text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        top_codes = top.prior.generate(text, generator=generator, **options)  # (B, top grid ** 2)
-        bottom_codes = prior.prior.generate(text, condition=top_codes, generator=generator, **options)
+    def sample_hierarchy(text: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        top_codes = top.prior.generate(text, generator=generators, **options)  # (B, top grid ** 2)
+        bottom_codes = prior.prior.generate(text, condition=top_codes, generator=generators, **options)
         return autoencoder.decode(*split_codes(torch.cat([top_codes, bottom_codes], 1), manifest["code_grids"]))
     return sample_hierarchy, manifest
 
@@ -142,7 +148,7 @@ def run(cfg: Config) -> int:
     for start in tqdm(range(0, len(jobs), cfg.batch_size), desc="sample", unit="batch"):
         chunk = jobs[start:start + cfg.batch_size]
         text = tokenize([caption for caption, _ in chunk])
-        candidates = [sampler(text, torch.Generator().manual_seed(chunk[0][1] * 1000 + start * 10 + draw))
+        candidates = [sampler(text, [_generator(seed, draw) for _, seed in chunk])
                       for draw in range(draws)]  # each (B, 3, R, R)
         batch = ranker.best(candidates, [c for c, _ in chunk]) if ranker else candidates[0]
         for (caption, seed), image in zip(chunk, batch):
@@ -157,6 +163,12 @@ def run(cfg: Config) -> int:
         _score(out, images, records)
     print(f"wrote {len(records)} samples for {len(captions)} caption(s) to {out}")
     return 0
+
+
+def _generator(seed: int, draw: int) -> torch.Generator:
+    """The random stream of one image: its caption and seed (and, re-ranking, which candidate)
+    give the same image in any batch."""
+    return torch.Generator().manual_seed(seed + draw * 2 ** 32)
 
 
 def _caption_grid(images: list[PIL.Image.Image], captions: list[str], per_row: int, cell: int = 128) -> PIL.Image.Image:

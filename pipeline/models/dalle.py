@@ -156,12 +156,16 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+Generators = torch.Generator | list[torch.Generator] | None
+
+
 def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+                  top_p: float | None = None, generator: Generators = None) -> Tensor:
     """One token per row of logits (B, V) -> (B,). The logits are divided by the temperature, then
     limited to the top_k most likely tokens, then to the smallest set of them holding top_p of the
-    probability (always keeping the most likely). Drawn on the generator's device, so a CPU
-    generator reproduces the same tokens on any accelerator."""
+    probability (always keeping the most likely). Drawn with `generator`, or with one generator per
+    row (a list), so that a row's tokens do not depend on the rest of its batch; on the generator's
+    device, so a CPU generator reproduces the same tokens on any accelerator."""
     logits = logits.float() / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
@@ -171,8 +175,15 @@ def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = 
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # mass before a token already exceeds top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), -math.inf)
-    probs = logits.softmax(-1).to(logits.device if generator is None else generator.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+    probs = logits.softmax(-1)
+    if isinstance(generator, list):
+        return torch.cat([_draw(row[None], row_generator) for row, row_generator in zip(probs, generator, strict=True)])
+    return _draw(probs, generator)
+
+
+def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    device = probs.device if generator is None else generator.device
+    return torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(probs.device)
 
 
 class DALLE(nn.Module):
@@ -278,7 +289,7 @@ class DALLE(nn.Module):
     @torch.no_grad()
     def generate(self, text_tokens: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, guidance_scale: float = 1.0,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: Generators = None) -> Tensor:
         """Captions (B, Lt) -> image tokens (B, N) sampled one at a time through the KV cache (see
         `sample_logits`). guidance_scale != 1 is classifier-free guidance: logits = uncond + guidance_scale
         * (cond - uncond), uncond from an all-padding caption. Dropout follows the mode: call eval() first."""

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.dalle import sample_logits
+from pipeline.models.dalle import Generators, sample_logits
 from pipeline.models.text import TextEncoder, TextEncoderConfig
 from pipeline.models.vae import valid_mean
 
@@ -201,7 +201,7 @@ class PixelCNN(nn.Module):
     @torch.no_grad()
     def generate(self, text: Tensor, condition: Tensor | None = None, temperature: float = 1.0,
                  top_k: int | None = None, guidance_scale: float = 1.0,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: Generators = None) -> Tensor:
         """Captions (B, L) -> codes (B, grid^2), sampled in raster order, the whole net recomputed per
         position (see dalle.sample_logits for temperature, top_k and generator). guidance_scale != 1 is
         classifier-free guidance: logits = uncond + guidance_scale * (cond - uncond), uncond from an

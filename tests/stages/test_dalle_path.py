@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from pipeline.config import dump_config, load_config
+from pipeline.config import ConfigError, dump_config, load_config
 from pipeline.data.text import make_tokenizer
 from stages import dalle, dvae, pretokenize, sample
 
@@ -144,6 +144,21 @@ def test_sampling_is_reproducible_and_writes_images_captions_and_a_grid(dalle_pa
     assert pixels(tmp_path / "a") == pixels(tmp_path / "b") != pixels(tmp_path / "c")
     assert PIL.Image.open(tmp_path / "a" / "0000.png").size == (64, 64)
     assert PIL.Image.open(tmp_path / "a" / "grid.png").size[1] == 3 * 128  # one row per caption
+
+
+def test_a_samples_caption_and_seed_give_its_image_in_any_batch(dalle_path, tmp_path):
+    records = _sample(dalle_path, tmp_path / "batched", guidance_scale=2.0)  # 6 images, batches of 4
+    alone = _sample(dalle_path, tmp_path / "alone", captions=records[3]["caption"], seed=records[3]["seed"],
+                    images_per_caption=1, batch_size=1, guidance_scale=2.0)
+    pixels = lambda folder, record: PIL.Image.open(folder / record["file"]).tobytes()  # noqa: E731
+    assert pixels(tmp_path / "batched", records[3]) == pixels(tmp_path / "alone", alone[0])
+
+
+@pytest.mark.parametrize("setting", ["temperature=0", "top_k=0", "top_p=0", "top_p=1.5"])
+def test_sampling_settings_are_checked_before_loading_anything(setting):
+    key = setting.split("=")[0]
+    with pytest.raises(ConfigError, match=key):
+        load_config(sample.Config, None, ["run=x", "captions=a cat", "out_dir=y", setting])
 
 
 def test_clip_reranking_from_a_local_checkpoint(dalle_path, tmp_path):
