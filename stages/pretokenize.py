@@ -4,10 +4,13 @@
 Each input shard `NAME.tar` becomes `OUT/NAME.tar` holding, per sample, `KEY.txt` (the caption),
 `KEY.text.npy` (caption tokens) and `KEY.image.npy` (the autoencoder's codes, flattened in raster
 order; VQ-VAE-2's top grid then its bottom grid), both uint16, plus
-`OUT/NAME_stats.json` (samples written, samples skipped by reason), written last: a shard with its
-stats file is finished, and a re-run skips it. Ranks (torchrun, any number of nodes) take disjoint
-shards: shard i goes to rank i % world_size. Rank 0 finally writes `manifest.json`: the source
-shards, the sample counts, the code grids' sides and the sha256 of the weights that made the codes.
+`OUT/NAME_stats.json` (samples written, samples skipped by reason, what made the tokens), written
+last: a shard whose stats file names the same autoencoder weights and tokenizer is finished, and a
+re-run skips it; one made otherwise is made again. A source shard that cannot be opened gets no
+output (perhaps a passing failure: a re-run retries it) and fails the stage once the others are
+done. Ranks (torchrun, any number of nodes) take disjoint shards: shard i goes to rank
+i % world_size. Rank 0 finally writes `manifest.json`: the source shards, the sample counts, the
+code grids' sides and the sha256 of the weights that made the codes.
 """
 from __future__ import annotations
 
@@ -127,23 +130,29 @@ def _pretokenize(cfg: Config, dist) -> None:
     names = [Path(url).name for url in urls]
     if len(set(names)) != len(names):
         raise ValueError(f"shards={cfg.shards!r}: shard file names must be unique, they name the outputs")
+    made_by = {"autoencoder_sha256": weights_hash, "tokenizer": portable(cfg.tokenizer), "text_length": cfg.text_length}
     mine = [(index, url) for index, url in enumerate(urls)
-            if index % dist.world_size == dist.rank and not _stats_path(out, names[index]).exists()]
+            if index % dist.world_size == dist.rank and not _finished(out, names[index], made_by)]
     dataset = _ShardBatches(mine, resolution, cfg.batch_size, cfg.tokenizer, cfg.text_length)
     loader = DataLoader(dataset, batch_size=None, num_workers=min(cfg.num_workers, len(mine)))
     shards: dict[int, _TokenShard] = {}
+    unreadable: list[str] = []
     progress = tqdm(total=len(mine), desc=f"pretokenize rank {dist.rank}", unit="shard", disable=not mine)
     # One thread writes the tars, in submission order, while the encoder works on the next batch.
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending: deque[Future] = deque()
         for index, batch, skipped in loader:
             if index not in shards:
-                shards[index] = _TokenShard(out, names[index], urls[index])
+                shards[index] = _TokenShard(out, names[index], urls[index], made_by)
             shard = shards[index]
             if batch is not None:
                 codes = encode(model, batch["image"].to(dist.device, memory_format=torch.channels_last))  # (B, codes per image)
                 pending.append(writer.submit(shard.write, batch, codes.cpu()))
-            if skipped is not None:  # the shard's last batch
+            if skipped is not None and "missing_shard" in skipped:
+                pending.append(writer.submit(shard.discard))
+                unreadable.append(urls[index])
+                del shards[index]
+            elif skipped is not None:  # the shard's last batch
                 pending.append(writer.submit(shard.finish, skipped))
                 pending[-1].add_done_callback(lambda _: progress.update(1))
                 del shards[index]
@@ -152,6 +161,9 @@ def _pretokenize(cfg: Config, dist) -> None:
         for future in pending:
             future.result()
     progress.close()
+    if unreadable:
+        raise FileNotFoundError(f"pretokenize rank {dist.rank}: {len(unreadable)} shard(s) could not be opened: "
+                                f"{', '.join(unreadable)}; the others are finished; run again to retry these")
     barrier()
     if dist.is_main:
         grids = [grid.shape[-1] for grid in _grids(model, torch.zeros(1, 3, resolution, resolution, device=dist.device))]
@@ -160,10 +172,10 @@ def _pretokenize(cfg: Config, dist) -> None:
 
 class _TokenShard:
     """One output shard, written under a temporary name and renamed when complete; its stats file,
-    written last, marks it finished."""
+    written last, marks it finished and says what made it (`made_by`)."""
 
-    def __init__(self, out: Path, name: str, source: str) -> None:
-        self.out, self.name, self.source, self.count = out, name, source, 0
+    def __init__(self, out: Path, name: str, source: str, made_by: dict) -> None:
+        self.out, self.name, self.source, self.made_by, self.count = out, name, source, made_by, 0
         self.tar = webdataset.TarWriter(str(_temporary(out, name)), mtime=whole_second_mtime())
 
     def write(self, batch: dict, codes: torch.Tensor) -> None:
@@ -174,7 +186,17 @@ class _TokenShard:
     def finish(self, skipped: dict) -> None:
         self.tar.close()
         os.replace(_temporary(self.out, self.name), self.out / self.name)
-        _write_json(_stats_path(self.out, self.name), {"successes": self.count, "skipped": skipped, "source": self.source})
+        _write_json(_stats_path(self.out, self.name), {"successes": self.count, "skipped": skipped, "source": self.source,
+                                                       "made_by": self.made_by})
+
+    def discard(self) -> None:
+        self.tar.close()
+        _temporary(self.out, self.name).unlink()
+
+
+def _finished(out: Path, name: str, made_by: dict) -> bool:
+    path = _stats_path(out, name)
+    return path.exists() and json.loads(path.read_text()).get("made_by") == made_by
 
 
 def read_manifest(shards: str, autoencoder: str) -> dict:

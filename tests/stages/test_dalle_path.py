@@ -1,4 +1,5 @@
 """pretokenize, the prior stage and sampling, end to end on tiny models."""
+import hashlib
 import io
 import json
 import subprocess
@@ -108,23 +109,58 @@ def test_the_prior_trains_with_deepspeed_zero3_over_two_processes(dalle_path, tm
     assert state["image_head.weight"].shape == (512, 128)  # gathered from the ZeRO-3 shards, whole
 
 
+def _untrained_dvae(dalle_path, folder, *overrides: str):
+    """A dvae run folder holding a randomly initialised tiny dVAE: a stand-in for another trained one."""
+    cfg = load_config(dvae.Config, "configs/dvae/tiny.yaml",
+                      [f"data.shards={dalle_path / 'shapes'}", f"trainer.out_dir={folder}", *overrides])
+    (folder / "final").mkdir(parents=True)
+    safetensors.torch.save_file(dvae.build_model(cfg).state_dict(), folder / "final" / "model.safetensors")
+    dump_config(cfg, folder / "config.yaml")
+    return folder
+
+
+def _tokens_config(shards, autoencoder, out) -> pretokenize.Config:
+    return load_config(pretokenize.Config, "configs/pretokenize/shapes.yaml",
+                       [f"shards={shards}", f"autoencoder={autoencoder}", f"out_dir={out}", "num_workers=0"])
+
+
 def test_pretokenize_refuses_ids_that_do_not_fit_uint16_before_writing_anything(dalle_path, tmp_path, monkeypatch):
-    big = load_config(dvae.Config, "configs/dvae/tiny.yaml",
-                      [f"data.shards={dalle_path / 'shapes'}", f"trainer.out_dir={tmp_path / 'big'}",
-                       "model.codebook_size=70000"])
-    (tmp_path / "big" / "final").mkdir(parents=True)
-    safetensors.torch.save_file(dvae.build_model(big).state_dict(), tmp_path / "big" / "final" / "model.safetensors")
-    dump_config(big, tmp_path / "big" / "config.yaml")
-    tokens = [f"shards={dalle_path / 'shapes'}", f"out_dir={tmp_path / 'tokens'}", "num_workers=0"]
+    big = _untrained_dvae(dalle_path, tmp_path / "big", "model.codebook_size=70000")
     with pytest.raises(ValueError, match="codebook_size 70000: token shards store codes as uint16, so at most 65536"):
-        pretokenize.run(load_config(pretokenize.Config, "configs/pretokenize/shapes.yaml",
-                                    [*tokens, f"autoencoder={tmp_path / 'big'}"]))
+        pretokenize.run(_tokens_config(dalle_path / "shapes", big, tmp_path / "tokens"))
     monkeypatch.setattr(pretokenize, "make_tokenizer", lambda spec, length: lambda captions: torch.full(
         (len(captions), length), 70000))
     with pytest.raises(ValueError, match="gave token id 70000: token shards store ids as uint16"):
-        pretokenize.run(load_config(pretokenize.Config, "configs/pretokenize/shapes.yaml",
-                                    [*tokens, f"autoencoder={dalle_path / 'dvae'}"]))
+        pretokenize.run(_tokens_config(dalle_path / "shapes", dalle_path / "dvae", tmp_path / "tokens"))
     assert not list((tmp_path / "tokens").glob("*.tar"))
+
+
+def test_a_shard_that_cannot_be_opened_fails_the_stage_and_is_retried(dalle_path, tmp_path):
+    out, absent = tmp_path / "tokens", tmp_path / "absent.tar"
+    shards = f"{dalle_path / 'shapes' / '00000.tar'}::{absent}"
+    with pytest.raises(FileNotFoundError, match=f"1 shard\\(s\\) could not be opened: {absent}; the others are finished"):
+        pretokenize.run(_tokens_config(shards, dalle_path / "dvae", out))
+    assert (out / "00000_stats.json").exists() and not (out / "absent_stats.json").exists()
+    assert not (out / "absent.tar").exists() and not (out / "manifest.json").exists()
+    finished = (out / "00000.tar").stat().st_mtime_ns
+    absent.write_bytes((dalle_path / "shapes" / "00001.tar").read_bytes())  # back again
+    assert pretokenize.run(_tokens_config(shards, dalle_path / "dvae", out)) == 0
+    assert (out / "00000.tar").stat().st_mtime_ns == finished
+    assert json.loads((out / "manifest.json").read_text())["samples"] == {"00000.tar": 30, "absent.tar": 30}
+
+
+def test_shards_made_by_another_autoencoder_are_made_again(dalle_path, tmp_path):
+    out = tmp_path / "tokens"
+    out.mkdir()
+    for shard in (dalle_path / "tokens").glob("*"):  # finished with the fixture's dVAE
+        (out / shard.name).write_bytes(shard.read_bytes())
+    other = _untrained_dvae(dalle_path, tmp_path / "other")
+    assert pretokenize.run(_tokens_config(dalle_path / "shapes", other, out)) == 0
+    weights_hash = json.loads((out / "manifest.json").read_text())["autoencoder_sha256"]
+    assert weights_hash == hashlib.sha256((other / "final" / "model.safetensors").read_bytes()).hexdigest()
+    for name in ("00000", "00001", "00002"):
+        assert json.loads((out / f"{name}_stats.json").read_text())["made_by"]["autoencoder_sha256"] == weights_hash
+        assert (out / f"{name}.tar").read_bytes() != (dalle_path / "tokens" / f"{name}.tar").read_bytes()
 
 
 def _sample(dalle_path, out, **extra) -> list[dict]:
