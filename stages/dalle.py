@@ -64,6 +64,13 @@ def activation_shape(cfg: Config) -> tuple[int, int, int]:
     return cfg.model.sequence_length, cfg.model.width, cfg.model.depth
 
 
+def logits_per_sample(cfg: Config) -> int:
+    """The logits one sample's loss holds, for `t2i describe`: text[1:] over the text vocabulary
+    and its pad tokens, and every image token over the codebook."""
+    m = cfg.model
+    return (m.text_length - 1) * (m.text_vocab_size + m.text_length) + m.image_grid ** 2 * m.image_vocab_size
+
+
 def draw_images(cfg: Config, manifest: dict, model: DALLE, batch: dict) -> dict[str, torch.Tensor]:
     """Samples for 8 held-out captions (one per column, two rows), decoded by the dVAE."""
     dvae, _, _ = load_trained(cfg.dvae, manifest["autoencoder_stage"])

@@ -14,6 +14,7 @@ import torch
 
 from pipeline.config import ConfigError, dump_config, load_config
 from pipeline.data.text import make_tokenizer
+from pipeline.describe import describe
 from stages import dalle, dvae, pretokenize, sample
 
 
@@ -212,3 +213,19 @@ def test_describe_sizes_the_paper_prior_without_allocating_it():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "stage dalle: 12,5" in result.stdout and "ZeRO 3, bf16, 512 ranks" in result.stdout
+
+
+def test_describe_counts_the_logits_and_each_backends_bytes_per_parameter():
+    base = {"trainer": {"out_dir": "x"}, "data": {"shards": "x"}, "dvae": "x"}
+    cfg = load_config(dalle.Config, "configs/dalle/1node.yaml", base=base)  # DeepSpeed ZeRO 2, bf16, batch 16
+    report = describe(dalle, cfg)
+    m = cfg.model
+    logits = 16 * ((256 - 1) * (m.text_vocab_size + 256) + 1024 * 8192)  # text[1:] and the image, per batch
+    assert report["logits_gib"] == pytest.approx(logits * 10 / 2 ** 30)  # > 3 GiB: more than the activations
+    assert report["weights_gib"] == pytest.approx(report["parameters"] * 2 / 2 ** 30)
+    assert report["optimizer_gib"] == pytest.approx(report["parameters"] * 12 / 8 / 2 ** 30)  # sharded over 8
+    accelerate = load_config(dalle.Config, "configs/dalle/1node.yaml", ["engine.backend=accelerate",
+                                                                        "engine.zero_stage=0"], base=base)
+    report = describe(dalle, accelerate)  # autocast: fp32 weights and gradients, whatever the precision
+    assert report["weights_gib"] == report["gradients_gib"] == pytest.approx(report["parameters"] * 4 / 2 ** 30)
+    assert report["optimizer_gib"] == pytest.approx(report["parameters"] * 8 / 2 ** 30)
