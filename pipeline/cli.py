@@ -99,7 +99,7 @@ def _sample(args: argparse.Namespace) -> int:
               "top_k": args.top_k, "top_p": args.top_p, "guidance_scale": args.guidance, "seed": args.seed,
               "batch_size": args.batch_size, "images_per_caption": args.images_per_caption,
               "clip_checkpoint": args.clip or "", "clip_model": args.clip_model, "candidates": args.candidates,
-              "score": args.score}
+              "score": args.score, "device": args.device}
     return sample.run(load_config(sample.Config, None, base=values))
 
 
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--clip-model", default="ViT-B-32")
     sample.add_argument("--candidates", type=int, default=4, help="with --clip: samples drawn per image kept")
     sample.add_argument("--score", action="store_true", help="score shapes captions with the oracle")
+    sample.add_argument("--device", default="", help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
     sample.set_defaults(handler=_sample)
 
     describe = commands.add_parser("describe", help="a training stage's parameters, FLOPs and memory per GPU")

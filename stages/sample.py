@@ -53,6 +53,7 @@ class Config:
     clip_model: str = "ViT-B-32"
     candidates: int = 4  # with CLIP: samples drawn per image kept
     score: bool = False  # score shapes captions with the oracle: colour and colour+shape accuracy
+    device: str = ""  # where the models run: "" = the GPU when there is one, else the CPU; or "cpu", "cuda:1"
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self) -> None:
@@ -67,6 +68,8 @@ class Config:
             raise ValueError(f"top_k must be >= 1 (or null: no limit), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (or null: no limit), got {self.top_p}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device is {self.device!r}, but PyTorch finds no CUDA GPU here")
         if self.prior not in PRIORS:
             raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
         if self.prior == "pixelcnn" and self.top_p is not None:
@@ -100,13 +103,22 @@ def load_prior(run: str | Path, stage: str) -> tuple[torch.nn.Module, object]:
 Sampler = Callable[[torch.Tensor, list[torch.Generator]], torch.Tensor]  # caption tokens, one generator each -> images
 
 
+def device_of(cfg: Config) -> torch.device:
+    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def make_sampler(cfg: Config) -> tuple[Sampler, dict]:
-    """A function from caption tokens (B, L) to images (B, 3, R, R) in [-1, 1], and the manifest of
-    the token shards the prior was trained on (its tokenizer, its autoencoder)."""
+    """A function from caption tokens (B, L) to images (B, 3, R, R) in [-1, 1], both on
+    device_of(cfg), where the models are, and the manifest of the token shards the prior was
+    trained on (its tokenizer, its autoencoder). The random streams stay on the CPU: the same seed
+    gives the same tokens on any device."""
+    device = device_of(cfg)
     prior, prior_cfg = load_prior(cfg.run, cfg.prior)
+    prior.to(device)
     if cfg.prior == "dalle":
         manifest = dalle.check_tokens(prior_cfg)
         dvae, _, _ = load_trained(prior_cfg.dvae, manifest["autoencoder_stage"])
+        dvae.to(device)
         grid = prior_cfg.model.image_grid
 
         def sample_dalle(text: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -116,6 +128,7 @@ def make_sampler(cfg: Config) -> tuple[Sampler, dict]:
         return sample_dalle, manifest
     manifest = pixelcnn.check_tokens(prior_cfg)
     autoencoder, _, _ = load_trained(prior_cfg.autoencoder, manifest["autoencoder_stage"])
+    autoencoder.to(device)
     options = {"temperature": cfg.temperature, "top_k": cfg.top_k, "guidance_scale": cfg.guidance_scale}
     if prior_cfg.level == "single":
         return (lambda text, generators: autoencoder.decode(split_codes(
@@ -124,6 +137,7 @@ def make_sampler(cfg: Config) -> tuple[Sampler, dict]:
         raise ValueError(f"{cfg.run}: a VQ-VAE-2 {prior_cfg.level} prior: sample with the bottom prior as run "
                          "and the top prior as top_run")
     top, top_cfg = load_prior(cfg.top_run, "pixelcnn")
+    top.to(device)
     if top_cfg.level != "top" or pixelcnn.check_tokens(top_cfg)["autoencoder_sha256"] != manifest["autoencoder_sha256"]:
         raise ValueError(f"top_run={cfg.top_run!r} is not a top-level prior over the same VQ-VAE-2's codes as {cfg.run!r}")
 
@@ -147,7 +161,7 @@ def run(cfg: Config) -> int:
     records, images = [], []
     for start in tqdm(range(0, len(jobs), cfg.batch_size), desc="sample", unit="batch"):
         chunk = jobs[start:start + cfg.batch_size]
-        text = tokenize([caption for caption, _ in chunk])
+        text = tokenize([caption for caption, _ in chunk]).to(device_of(cfg))
         candidates = [sampler(text, [_generator(seed, draw) for _, seed in chunk])
                       for draw in range(draws)]  # each (B, 3, R, R)
         batch = ranker.best(candidates, [c for c, _ in chunk]) if ranker else candidates[0]
@@ -214,16 +228,17 @@ class _ClipRanker:
 
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(cfg.clip_model,
                                                                                pretrained=cfg.clip_checkpoint)
-        self.model.eval()
+        self.device = device_of(cfg)
+        self.model.to(self.device).eval()
         self.tokenizer = open_clip.get_tokenizer(cfg.clip_model)
 
     @torch.no_grad()
     def best(self, candidates: list[torch.Tensor], captions: list[str]) -> torch.Tensor:
-        text = self.model.encode_text(self.tokenizer(captions))
+        text = self.model.encode_text(self.tokenizer(captions).to(self.device))
         text = text / text.norm(dim=-1, keepdim=True)
         scores = []
         for images in candidates:
-            pixels = torch.stack([self.preprocess(to_pil(image)) for image in images])
+            pixels = torch.stack([self.preprocess(to_pil(image)) for image in images]).to(self.device)
             features = self.model.encode_image(pixels)
             scores.append((features / features.norm(dim=-1, keepdim=True) * text).sum(-1))  # (B,)
         choice = torch.stack(scores).argmax(0)  # (B,)

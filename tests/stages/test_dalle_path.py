@@ -191,7 +191,8 @@ def test_a_samples_caption_and_seed_give_its_image_in_any_batch(dalle_path, tmp_
     assert pixels(tmp_path / "batched", records[3]) == pixels(tmp_path / "alone", alone[0])
 
 
-@pytest.mark.parametrize("setting", ["temperature=0", "top_k=0", "top_p=0", "top_p=1.5"])
+@pytest.mark.parametrize("setting", ["temperature=0", "top_k=0", "top_p=0", "top_p=1.5", pytest.param(
+    "device=cuda", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"))])
 def test_sampling_settings_are_checked_before_loading_anything(setting):
     key = setting.split("=")[0]
     with pytest.raises(ConfigError, match=key):
