@@ -124,6 +124,13 @@ class _Run:
             (self.out / PREEMPTED_MARKER).unlink(missing_ok=True)
             print(f"resumed from {checkpoint} (step {step_of(checkpoint)})", flush=True)
 
+    def _update_ema(self) -> None:
+        self.ema.update_parameters(self.backend.module)
+        # Counters are not averaged: rounded, an average of a step count would stay at its first value.
+        for averaged, live in zip(self.ema.module.buffers(), self.backend.module.buffers()):
+            if not averaged.is_floating_point():
+                averaged.copy_(live)
+
     def _save(self) -> None:
         self.checkpointer.save(self.step, self._write)
 
@@ -159,7 +166,7 @@ class _Run:
                 self.step += 1
                 self.samples += samples
                 if self.ema is not None:
-                    self.ema.update_parameters(self.backend.module)
+                    self._update_ema()
                 monitor.step(self.step, {k: v.detach() for k, v in outputs.items()}, samples * dist.world_size, waited,
                              {"lr": self.backend.lr, "grad_norm": norm, "nonfinite_skipped": self.nonfinite,
                               "samples_skipped": sum(self.loader.totals()["skipped"].values())})

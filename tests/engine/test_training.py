@@ -42,6 +42,29 @@ def test_a_finished_run_leaves_weights_config_images_and_metrics(shapes_shards, 
     assert list((out / "tensorboard").iterdir())
 
 
+class _Counting(toy_stage.ToyModel):
+    """The toy model with an integer buffer, like the dVAE's schedule step."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.register_buffer("forwards", torch.zeros((), dtype=torch.long))
+
+    def forward(self, batch: dict) -> dict:
+        self.forwards += 1
+        return super().forward(batch)
+
+
+def test_final_weights_are_the_ema_and_its_counters_follow_the_model(shapes_shards, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(toy_stage.Config, None, toy_overrides(shapes_shards, out, **{"trainer.max_steps": 5,
+                                                                                    "trainer.ema_decay": 0.5}))
+    assert train(cfg, lambda c: _Counting(c.model, c.data.resolution)) == "finished"
+    live = safetensors.torch.load_file(latest(out / "checkpoints") / "model.safetensors")
+    final = _weights(out)
+    assert int(live["forwards"]) == int(final["forwards"]) == 5
+    assert not torch.equal(final["net.1.weight"], live["net.1.weight"])  # an average of the steps' weights
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_kill_9_and_resume_gives_the_parameters_of_an_uninterrupted_run(shapes_shards, tmp_path, workers):
     n = 6
