@@ -12,9 +12,11 @@ Tokenize = Callable[[list[str]], torch.Tensor]
 
 def make_tokenizer(spec: str, length: int) -> Tokenize:
     """`open_clip:MODEL` (open_clip's BPE, ships with the package, works offline), `hf:PATH` (a
-    transformers tokenizer saved in a local folder) or `words:FILE` (a word list, one per line: word
+    transformers tokenizer saved in a local folder; its ids shifted up by one, so that 0 is the
+    padding whatever the tokenizer's pad id) or `words:FILE` (a word list, one per line: word
     i is token i + 2, 0 pads, 1 is any other word; for small-vocabulary data such as the shapes).
-    Returns a function from captions to a (len(captions), length) LongTensor, padded and truncated."""
+    Returns a function from captions to a (len(captions), length) LongTensor, padded with 0 and
+    truncated: the priors treat 0, and only 0, as padding."""
     check_tokenizer(spec)
     kind, _, name = spec.partition(":")
     if kind == "words":
@@ -28,8 +30,11 @@ def make_tokenizer(spec: str, length: int) -> Tokenize:
     from transformers import AutoTokenizer  # kind == "hf"
 
     tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-    return lambda captions: tokenizer(captions, padding="max_length", truncation=True, max_length=length,
-                                      return_tensors="pt").input_ids.long()
+
+    def tokenize(captions: list[str]) -> torch.Tensor:
+        encoded = tokenizer(captions, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+        return (encoded.input_ids.long() + 1).masked_fill(encoded.attention_mask == 0, 0)
+    return tokenize
 
 
 def check_tokenizer(spec: str) -> None:
@@ -54,7 +59,7 @@ def vocab_size(spec: str) -> int:
         return open_clip.get_tokenizer(name).vocab_size
     from transformers import AutoTokenizer  # kind == "hf"
 
-    return len(AutoTokenizer.from_pretrained(name, local_files_only=True))
+    return len(AutoTokenizer.from_pretrained(name, local_files_only=True)) + 1  # the ids shifted by one, 0 pads
 
 
 def portable(spec: str) -> str:

@@ -28,6 +28,19 @@ def test_the_shapes_word_list_covers_every_caption_the_generator_writes():
     assert not (tokens == 1).any() and (tokens[:, -1] == 0).all()  # no unknown word, room to spare
 
 
+def test_a_transformers_tokenizer_pads_with_zero_whatever_its_pad_id(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"the": 0, "<pad>": 1, "[UNK]": 2, "a": 3, "red": 4, "circle": 5}  # pad id 1, like RoBERTa's
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", unk_token="[UNK]").save_pretrained(tmp_path)
+    tokens = make_tokenizer(f"hf:{tmp_path}", 5)(["a red circle", "the blue"])
+    assert tokens.tolist() == [[4, 5, 6, 0, 0], [1, 3, 0, 0, 0]]  # each id + 1; only padding is 0
+    assert vocab_size(f"hf:{tmp_path}") == 7
+
+
 def test_a_word_list_spec_is_made_absolute_for_the_manifest(tmp_path):
     spec = portable(f"words:{WORDS}")
     assert spec == f"words:{os.path.abspath(WORDS)}" and portable("open_clip:ViT-B-32") == "open_clip:ViT-B-32"
