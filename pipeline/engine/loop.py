@@ -124,6 +124,14 @@ class _Run:
             (self.out / PREEMPTED_MARKER).unlink(missing_ok=True)
             print(f"resumed from {checkpoint} (step {step_of(checkpoint)})", flush=True)
 
+    def _set_schedule_step(self) -> None:
+        """A model whose schedules follow training (the dVAE's temperature and KL weight) reads a
+        `step` buffer: the loop sets it to the optimizer steps taken, which forward passes would
+        over-count with gradient accumulation or skipped non-finite micro-batches."""
+        step = getattr(self.backend.module, "step", None)
+        if isinstance(step, torch.Tensor):
+            step.fill_(self.step)
+
     def _update_ema(self) -> None:
         self.ema.update_parameters(self.backend.module)
         # Counters are not averaged: rounded, an average of a step count would stay at its first value.
@@ -164,6 +172,7 @@ class _Run:
                     continue
                 consecutive_skips = 0
                 self.step += 1
+                self._set_schedule_step()
                 self.samples += samples
                 if self.ema is not None:
                     self._update_ema()

@@ -155,8 +155,9 @@ class Decoder(nn.Module):
 
 
 class DiscreteVAE(nn.Module):
-    """The dVAE. The buffer `step` counts training-mode forwards; the tau and beta schedules read it,
-    and it travels with the state dict so that a resumed run continues both schedules exactly."""
+    """The dVAE. The tau and beta schedules read the buffer `step`, the optimizer steps taken so
+    far: the training loop keeps it (pipeline.engine.loop), and it travels with the state dict so
+    that a resumed run continues both schedules exactly. Another loop must set it itself."""
     step: Tensor  # () long
 
     def __init__(self, cfg: DVAEConfig) -> None:
@@ -182,8 +183,6 @@ class DiscreteVAE(nn.Module):
         step = int(self.step)
         temperature = cosine_schedule(step, cfg.temperature_start, cfg.temperature_end, cfg.temperature_steps)
         kl_weight = cosine_schedule(step, cfg.kl_weight_start, cfg.kl_weight_end, cfg.kl_weight_steps)
-        if self.training:
-            self.step += 1
         x_mapped = map_pixels((batch["image"] + 1) / 2, cfg.logit_laplace_eps)  # (B, 3, R, R)
         logits = self.encoder(x_mapped)  # (B, K, h, w)
         z = gumbel_softmax(logits, temperature, cfg.straight_through)

@@ -65,8 +65,9 @@ class LogitEncoder(nn.Module):
 
 
 class GumbelVAE(nn.Module):
-    """The Gumbel-softmax VAE. The buffer `step` counts training-mode forwards; the temperature
-    schedule reads it, and it travels with the state dict so that a resumed run continues it."""
+    """The Gumbel-softmax VAE. The temperature schedule reads the buffer `step`, the optimizer steps
+    taken so far: the training loop keeps it (pipeline.engine.loop), and it travels with the state
+    dict so that a resumed run continues the schedule. Another loop must set it itself."""
     step: Tensor  # () long
 
     def __init__(self, cfg: GumbelVAEConfig) -> None:
@@ -89,8 +90,6 @@ class GumbelVAE(nn.Module):
         `perplexity` of the valid samples' argmax categories, in [1, K]."""
         cfg, x, valid = self.cfg, batch["image"], batch["valid"]  # (B, 3, R, R), (B,)
         temperature = self.temperature()
-        if self.training:
-            self.step += 1
         logits = self.encoder(x)  # (B, K, N)
         y = gumbel_softmax(logits, temperature, cfg.hard)  # (B, K, N), sums to 1 over K
         x_hat = self.decoder(y.flatten(1))  # (B, 3, R, R)

@@ -65,6 +65,32 @@ def test_final_weights_are_the_ema_and_its_counters_follow_the_model(shapes_shar
     assert not torch.equal(final["net.1.weight"], live["net.1.weight"])  # an average of the steps' weights
 
 
+class _Scheduled(toy_stage.ToyModel):
+    """The toy model with a schedule's `step` buffer, recording the value each forward pass sees."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.seen: list[int] = []
+
+    def forward(self, batch: dict) -> dict:
+        self.seen.append(int(self.step))
+        return super().forward(batch)
+
+
+def test_a_models_step_buffer_counts_optimizer_steps_not_forward_passes(shapes_shards, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(toy_stage.Config, None, toy_overrides(shapes_shards, out, **{"trainer.max_steps": 3,
+                                                                                    "engine.grad_accum": 2}))
+    models: list[_Scheduled] = []
+
+    def build(c: toy_stage.Config) -> _Scheduled:
+        models.append(_Scheduled(c.model, c.data.resolution))
+        return models[-1]
+    assert train(cfg, build) == "finished"
+    assert models[0].seen == [0, 0, 1, 1, 2, 2] and int(_weights(out)["step"]) == 3
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_kill_9_and_resume_gives_the_parameters_of_an_uninterrupted_run(shapes_shards, tmp_path, workers):
     n = 6
