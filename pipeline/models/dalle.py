@@ -164,8 +164,8 @@ def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = 
     """One token per row of logits (B, V) -> (B,). The logits are divided by the temperature, then
     limited to the top_k most likely tokens, then to the smallest set of them holding top_p of the
     probability (always keeping the most likely). Drawn with `generator`, or with one generator per
-    row (a list), so that a row's tokens do not depend on the rest of its batch; on the generator's
-    device, so a CPU generator reproduces the same tokens on any accelerator."""
+    row (a list, all on one device), so that a row's tokens do not depend on the rest of its batch;
+    on the generators' device, so CPU generators reproduce the same tokens on any accelerator."""
     logits = logits.float() / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
@@ -176,14 +176,14 @@ def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = 
         drop = probs.cumsum(-1) - probs > top_p  # mass before a token already exceeds top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), -math.inf)
     probs = logits.softmax(-1)
-    if isinstance(generator, list):
-        return torch.cat([_draw(row[None], row_generator) for row, row_generator in zip(probs, generator, strict=True)])
-    return _draw(probs, generator)
-
-
-def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    device = probs.device if generator is None else generator.device
-    return torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(probs.device)
+    generators = generator if isinstance(generator, list) else [generator]
+    device = probs.device if generators[0] is None else generators[0].device  # one copy for all rows
+    on_device = probs.to(device)
+    if not isinstance(generator, list):
+        return torch.multinomial(on_device, 1, generator=generator).squeeze(1).to(probs.device)
+    rows = [torch.multinomial(row[None], 1, generator=row_generator)
+            for row, row_generator in zip(on_device, generators, strict=True)]
+    return torch.cat(rows).squeeze(1).to(probs.device)
 
 
 class DALLE(nn.Module):
