@@ -191,8 +191,11 @@ class DiscreteVAE(nn.Module):
             recon = logit_laplace_nll(x_mapped, mu, log_scale).flatten(1).sum(1)  # (B,)
         else:
             recon = (torch.sigmoid(mu) - x_mapped).pow(2).flatten(1).sum(1)
-        kl = kl_to_uniform(logits)  # (B,)
-        diversity = usage_gap(logits, valid) * logits[0, 0].numel()  # per image, over its positions
+        # A term of weight 0 is only logged: no backward pass through its softmax over the K codes.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and kl_weight > 0):
+            kl = kl_to_uniform(logits)  # (B,)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.diversity_weight > 0):
+            diversity = usage_gap(logits, valid) * logits[0, 0].numel()  # per image, over its positions
         x_hat = unmap_pixels(torch.sigmoid(mu.detach()), cfg.logit_laplace_eps) * 2 - 1  # (B, 3, R, R)
         perplexity, dead_codes = codebook_usage(logits.argmax(1), valid, cfg.codebook_size)
         return {"loss": valid_mean(recon + kl_weight * kl, valid) + cfg.diversity_weight * diversity,
