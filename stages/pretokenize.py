@@ -148,14 +148,14 @@ def _pretokenize(cfg: Config, dist) -> None:
             if batch is not None:
                 codes = encode(model, batch["image"].to(dist.device, memory_format=torch.channels_last))  # (B, codes per image)
                 pending.append(writer.submit(shard.write, batch, codes.cpu()))
-            if skipped is not None and "missing_shard" in skipped:
-                pending.append(writer.submit(shard.discard))
-                unreadable.append(urls[index])
+            if skipped is not None:  # the shard's last batch
                 del shards[index]
-            elif skipped is not None:  # the shard's last batch
-                pending.append(writer.submit(shard.finish, skipped))
-                pending[-1].add_done_callback(lambda _: progress.update(1))
-                del shards[index]
+                if "missing_shard" in skipped:  # perhaps a passing failure: no output, so a re-run retries it
+                    pending.append(writer.submit(shard.discard))
+                    unreadable.append(urls[index])
+                else:
+                    pending.append(writer.submit(shard.finish, skipped))
+                    pending[-1].add_done_callback(lambda _: progress.update(1))
             while len(pending) > 2 or (pending and pending[0].done()):
                 pending.popleft().result()  # a write's error stops the stage here
         for future in pending:

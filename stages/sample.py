@@ -153,6 +153,7 @@ def run(cfg: Config) -> int:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sampler, manifest = make_sampler(cfg)
+    device = device_of(cfg)
     captions = read_captions(cfg.captions)
     tokenize = make_tokenizer(manifest["tokenizer"], manifest["text_length"])
     ranker = _ClipRanker(cfg) if cfg.clip_checkpoint else None
@@ -161,7 +162,7 @@ def run(cfg: Config) -> int:
     records, images = [], []
     for start in tqdm(range(0, len(jobs), cfg.batch_size), desc="sample", unit="batch"):
         chunk = jobs[start:start + cfg.batch_size]
-        text = tokenize([caption for caption, _ in chunk]).to(device_of(cfg))
+        text = tokenize([caption for caption, _ in chunk]).to(device)
         candidates = [sampler(text, [_generator(seed, draw) for _, seed in chunk])
                       for draw in range(draws)]  # each (B, 3, R, R)
         batch = ranker.best(candidates, [c for c, _ in chunk]) if ranker else candidates[0]

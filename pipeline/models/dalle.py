@@ -176,13 +176,12 @@ def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = 
         drop = probs.cumsum(-1) - probs > top_p  # mass before a token already exceeds top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), -math.inf)
     probs = logits.softmax(-1)
-    generators = generator if isinstance(generator, list) else [generator]
-    device = probs.device if generators[0] is None else generators[0].device  # one copy for all rows
-    on_device = probs.to(device)
-    if not isinstance(generator, list):
-        return torch.multinomial(on_device, 1, generator=generator).squeeze(1).to(probs.device)
+    if not isinstance(generator, list):  # one stream for the whole batch
+        device = probs.device if generator is None else generator.device
+        return torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(probs.device)
+    on_device = probs.to(generator[0].device)  # one copy for all rows
     rows = [torch.multinomial(row[None], 1, generator=row_generator)
-            for row, row_generator in zip(on_device, generators, strict=True)]
+            for row, row_generator in zip(on_device, generator, strict=True)]
     return torch.cat(rows).squeeze(1).to(probs.device)
 
 
