@@ -63,7 +63,8 @@ def _import_peer():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # dalle_pytorch imports pkg_resources
             import dalle_pytorch
-            from dalle_pytorch import DALLE as PeerDALLE, DiscreteVAE as PeerVAE
+            from dalle_pytorch import DALLE as PeerDALLE
+            from dalle_pytorch import DiscreteVAE as PeerVAE
             from dalle_pytorch.dalle_pytorch import gumbel_sample, top_k
     except ImportError as e:
         sys.exit(f"cannot import dalle_pytorch ({e}): run with benchmarks/peer_venv.sh, see this file's docstring")

@@ -24,6 +24,7 @@ from pipeline.data.build import shapes_examples, write_shards
 from pipeline.engine.host_memory import keep_freed_memory
 from stages import dvae, pretokenize
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=512)

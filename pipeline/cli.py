@@ -6,23 +6,26 @@ import json
 import logging
 import sys
 
-from pipeline.config import ConfigError, dump_config, load_config
+from pipeline.config import ConfigError, load_config
+from pipeline.markers import CONFIG_ERROR_EXIT_CODE
+
+
+def run_stage(stage: str, cfg) -> int:
+    from pipeline.runs import run_stage as run  # torch: only for the commands that compute
+
+    return run(stage, cfg)
 
 
 def _shards_build(args: argparse.Namespace) -> int:
-    from stages.shards import ShardsConfig, build
+    from pipeline.registry import load_stage
 
+    shards = load_stage("shards")
     overrides = [f"out_dir={args.out}", *args.overrides]
     if args.folder:
         overrides += ["source=folder", f"folder={args.folder}"]
     elif args.table:
         overrides += ["source=table", f"table={args.table}"]
-    cfg = load_config(ShardsConfig, args.config, overrides)
-    result = build(cfg)
-    dump_config(cfg, f"{cfg.out_dir}/config.yaml")
-    skipped = ", ".join(f"{reason} {count}" for reason, count in result["skipped"].items()) or "none"
-    print(f"wrote {result['written']} samples in {len(result['shards'])} shard(s) to {cfg.out_dir}; skipped: {skipped}")
-    return 0
+    return run_stage("shards", load_config(shards.Config, args.config, overrides))
 
 
 def _shards_stats(args: argparse.Namespace) -> int:
@@ -34,22 +37,9 @@ def _shards_stats(args: argparse.Namespace) -> int:
 
 
 def _stage(args: argparse.Namespace) -> int:
-    from stages import load_stage
+    from pipeline.registry import load_stage
 
-    module = load_stage(args.stage)
-    cfg = load_config(module.Config, args.config, args.overrides)
-    return _run_stage(module, cfg)
-
-
-def _run_stage(module, cfg) -> int:
-    import os
-
-    if int(os.environ.get("RANK", 0)) == 0:
-        value = cfg
-        for part in module.OUTPUT.split("."):
-            value = getattr(value, part)
-        dump_config(cfg, f"{value}/config.yaml")
-    return module.run(cfg) or 0
+    return run_stage(args.stage, load_config(load_stage(args.stage).Config, args.config, args.overrides))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -58,26 +48,25 @@ def _train(args: argparse.Namespace) -> int:
     import subprocess
 
     from pipeline.launch.local import stage_command
-    from stages import load_stage
+    from pipeline.registry import load_stage
 
-    module = load_stage(args.stage)
-    cfg = load_config(module.Config, args.config, args.overrides)  # errors before any process starts
+    cfg = load_config(load_stage(args.stage).Config, args.config, args.overrides)  # errors before any process starts
     launch = getattr(cfg, "launch", None)
     if launch is None or launch.nproc_per_node == 1 or "LOCAL_RANK" in os.environ:
-        return _run_stage(module, cfg)
+        return run_stage(args.stage, cfg)
     return subprocess.call(stage_command(args.stage, args.config, args.overrides, cfg))
 
 
 def _run(args: argparse.Namespace) -> int:
     from pipeline.launch.local import run_pipeline
 
-    return run_pipeline(args.pipeline, from_stage=args.from_stage, jobs=args.jobs)
+    return run_pipeline(args.pipeline, from_stage=args.from_stage, jobs=args.jobs, discard=args.discard)
 
 
 def _submit(args: argparse.Namespace) -> int:
     from pipeline.launch.slurm import submit
 
-    return submit(args.pipeline, dry_run=args.dry_run)
+    return submit(args.pipeline, dry_run=args.dry_run, from_stage=args.from_stage, discard=args.discard)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -108,7 +97,7 @@ def _describe(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipeline.describe import describe, format_report
-    from stages import load_stage
+    from pipeline.registry import load_stage
 
     stage = args.stage or Path(args.config).parent.name
     module = load_stage(stage)
@@ -118,6 +107,13 @@ def _describe(args: argparse.Namespace) -> int:
     cfg = load_config(module.Config, args.config, args.overrides, base=placeholders)
     print(format_report(stage, describe(module, cfg)))
     return 0
+
+
+def _add_from_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="from_stage", metavar="STAGE",
+                        help="start STAGE and everything after it again; their folders are kept as STAGE.old-N")
+    parser.add_argument("--discard", action="store_true",
+                        help="with --from: delete those folders instead of keeping them")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,14 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a pipeline's stages on this machine")
     run.add_argument("pipeline", help="pipeline YAML, e.g. configs/pipelines/demo.yaml")
-    run.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run STAGE and everything after it")
     run.add_argument("--jobs", type=int, default=1, metavar="N",
                      help="run up to N independent stages at once, each on its own share of the CPU cores")
+    _add_from_options(run)
     run.set_defaults(handler=_run)
 
     submit = commands.add_parser("submit", help="submit a pipeline's stages as SLURM jobs, chained by dependency")
     submit.add_argument("pipeline", help="pipeline YAML")
     submit.add_argument("--dry-run", action="store_true", help="print the job scripts; submit nothing")
+    _add_from_options(submit)
     submit.set_defaults(handler=_submit)
 
     status = commands.add_parser("status", help="one line per stage of a submitted run")
@@ -221,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except ConfigError as error:
         print(f"t2i: config error: {error}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR_EXIT_CODE
     except (FileNotFoundError, ValueError) as error:
         print(f"t2i: error: {error}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ Promises:
   below it, so `optim.lr=3e-4` changes one knob and `tags=[a]` replaces the whole list.
 - `to_dict`, `dump_config` and `config_hash` see exactly what `load_config` accepts: a dumped
   config loads back to an equal object, and equal configs hash equally on any machine.
+- A field declared with `operational(...)` changes how a run executes (resources, worker and thread
+  counts, timeouts, log and save periods), never what it computes: `result_view` and `result_hash`
+  leave it out. A field declared with `extendable(...)` (`trainer.max_steps`) changes the result, but
+  raising it continues a run from its checkpoints instead of starting it again.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import hashlib
 import json
 import os
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -82,18 +86,65 @@ def to_dict(cfg: Any) -> dict:
     return _plain(cfg)
 
 
-def dump_config(cfg: Any, path: str | os.PathLike) -> None:
-    """Write the fully resolved `cfg` as YAML in field order, creating parent directories."""
+def dump_config(cfg: Any, path: str | os.PathLike, comment: str = "") -> None:
+    """Write the fully resolved `cfg` as YAML in field order, after `comment` as a first line of
+    YAML comment when given, creating parent directories."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
-    path.write_text(text, encoding="utf-8")
+    path.write_text(f"# {comment}\n{text}" if comment else text, encoding="utf-8")
+
+
+_ROLE = "t2i.role"  # the key of a field's role in its metadata
+OPERATIONAL, EXTENDABLE = "operational", "extendable"
+
+
+def operational(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that changes how a run executes, not what it computes; see the module docstring."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={_ROLE: OPERATIONAL})
+
+
+def extendable(default: int) -> Any:
+    """An int dataclass field whose increase continues a run from its checkpoints (see the module docstring)."""
+    return dataclasses.field(default=default, metadata={_ROLE: EXTENDABLE})
+
+
+def result_view(cfg: Any) -> dict[str, Any]:
+    """The values that change what a run computes, flat by dotted key ('optim.lr'; a list or a
+    mapping is one value), operational fields left out."""
+    return {key: _plain(value) for key, role, value in _leaves(cfg, "", None) if role != OPERATIONAL}
+
+
+def extendable_keys(cfg: Any) -> set[str]:
+    """The dotted keys of `cfg`'s extendable fields."""
+    return {key for key, role, _ in _leaves(cfg, "", None) if role == EXTENDABLE}
+
+
+def _leaves(cfg: Any, prefix: str, inherited: str | None) -> Iterator[tuple[str, str | None, Any]]:
+    """(dotted key, role, value) of every non-dataclass field; a field inherits the role of the
+    nearest marked dataclass field above it (`launch` marks all of LaunchConfig)."""
+    for f in _init_fields(cfg):
+        role, value = f.metadata.get(_ROLE, inherited), getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            yield from _leaves(value, f"{prefix}{f.name}.", role)
+        else:
+            yield f"{prefix}{f.name}", role, value
+
+
+def result_hash(cfg: Any) -> str:
+    """sha256 hex digest of the canonical JSON of `result_view(cfg)`: equal for configs that differ
+    only in operational fields."""
+    return _digest(result_view(cfg))
 
 
 def config_hash(cfg: Any) -> str:
     """sha256 hex digest of the canonical JSON of `to_dict(cfg)`: independent of field order,
     and different whenever any value differs."""
-    canonical = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _digest(to_dict(cfg))
+
+
+def _digest(value: Any) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

@@ -1,4 +1,5 @@
-"""Image tensors as pictures: the PIL images and grids that runs, reports and samples save."""
+"""Image tensors as pictures: the PIL images and grids that runs, reports and samples save, and the
+grids of reconstructions and samples that autoencoder stages draw during training."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -24,3 +25,16 @@ def image_grid(images: Sequence[PIL.Image.Image], columns: int, padding: int = 1
         row, column = divmod(i, columns)
         grid.paste(image.convert("RGB"), (padding + column * (width + padding), padding + row * (height + padding)))
     return grid
+
+
+def reconstructions(model: torch.nn.Module, batch: dict, count: int = 16) -> dict[str, torch.Tensor]:
+    """Grids for any autoencoder with `reconstruct(images)`: `count` originals above their reconstructions."""
+    originals = batch["image"][:count]
+    return {"reconstructions": torch.cat([originals, model.reconstruct(originals)])}
+
+
+def reconstructions_and_samples(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """Grids for a VAE that also samples its prior (`sample(count, generator)`): 8 originals above
+    their reconstructions, and 32 samples."""
+    samples = model.sample(32, torch.Generator(batch["image"].device).manual_seed(0))
+    return {**reconstructions(model, batch, 8), "samples": samples}

@@ -10,16 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.data import shapes
+from pipeline.data.shapes import heldout_captions
 from pipeline.data.text import make_tokenizer, vocab_size
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
 from pipeline.models.cvae import CVAE, CVAEConfig
 
 OUTPUT = "trainer.out_dir"
-HELDOUT_SEED = 1000  # the seed of configs/shards/shapes-heldout.yaml: captions never trained on
-
-
 @dataclass
 class Config(TrainConfig):
     model: CVAEConfig = field(default_factory=CVAEConfig)
@@ -34,18 +31,6 @@ class Config(TrainConfig):
         if vocab_size(self.data.tokenizer) > self.model.text.vocab_size:
             raise ValueError(f"model.text.vocab_size ({self.model.text.vocab_size}) is smaller than the "
                              f"{vocab_size(self.data.tokenizer)} ids of data.tokenizer {self.data.tokenizer!r}")
-
-
-def heldout_captions(count: int, resolution: int) -> list[str]:
-    """Single-shape captions from the held-out seed, distinct, in a fixed order."""
-    captions: list[str] = []
-    index = 0
-    while len(captions) < count:
-        caption = shapes.generate(index, HELDOUT_SEED, resolution, max_shapes=1).caption
-        if caption not in captions:
-            captions.append(caption)
-        index += 1
-    return captions
 
 
 def build_model(cfg: Config) -> nn.Module:

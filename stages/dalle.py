@@ -11,13 +11,13 @@ from functools import partial
 import torch
 from torch import nn
 
+from pipeline.data.shapes import heldout_captions
 from pipeline.data.text import make_tokenizer, vocab_size
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
 from pipeline.models.dalle import DALLE, DALLEConfig
 from pipeline.models.dalle import flops_per_sample as dalle_flops
-from stages import load_trained
-from stages.cvae import heldout_captions
+from pipeline.runs import load_run
 from stages.pretokenize import read_manifest
 
 OUTPUT = "trainer.out_dir"
@@ -73,7 +73,7 @@ def logits_per_sample(cfg: Config) -> int:
 
 def draw_images(cfg: Config, manifest: dict, model: DALLE, batch: dict) -> dict[str, torch.Tensor]:
     """Samples for 8 held-out captions (one per column, two rows), decoded by the dVAE."""
-    dvae, _, _ = load_trained(cfg.dvae, manifest["autoencoder_stage"])
+    dvae = load_run(cfg.dvae, manifest["autoencoder_stage"]).model
     dvae.to(batch["image_tokens"].device)
     captions = heldout_captions(8, 64)
     text = make_tokenizer(manifest["tokenizer"], manifest["text_length"])(captions).to(batch["image_tokens"].device)

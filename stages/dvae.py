@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
+from pipeline.images import reconstructions
 from pipeline.models.dvae import DiscreteVAE, DVAEConfig
 
 OUTPUT = "trainer.out_dir"
@@ -22,11 +22,5 @@ def build_model(cfg: Config) -> nn.Module:
     return DiscreteVAE(cfg.model)
 
 
-def draw_images(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-    """Originals above their reconstructions through the codes (any of the discrete autoencoders)."""
-    originals = batch["image"][:16]
-    return {"reconstructions": torch.cat([originals, model.reconstruct(originals)])}
-
-
 def run(cfg: Config) -> int:
-    return exit_code(train(cfg, build_model, draw_images))
+    return exit_code(train(cfg, build_model, reconstructions))

@@ -7,8 +7,8 @@ from torch import nn
 
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
+from pipeline.images import reconstructions_and_samples
 from pipeline.models.gumbel_vae import GumbelVAE, GumbelVAEConfig
-from stages.vae import draw_images
 
 OUTPUT = "trainer.out_dir"
 
@@ -23,4 +23,4 @@ def build_model(cfg: Config) -> nn.Module:
 
 
 def run(cfg: Config) -> int:
-    return exit_code(train(cfg, build_model, draw_images))
+    return exit_code(train(cfg, build_model, reconstructions_and_samples))

@@ -13,12 +13,12 @@ from functools import partial
 import torch
 from torch import nn
 
+from pipeline.data.shapes import heldout_captions
 from pipeline.data.text import make_tokenizer, vocab_size
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
 from pipeline.models.pixelcnn import PixelCNN, PixelCNNConfig
-from stages import load_trained
-from stages.cvae import heldout_captions
+from pipeline.runs import load_run
 from stages.pretokenize import read_manifest
 
 OUTPUT = "trainer.out_dir"
@@ -88,7 +88,7 @@ def build_model(cfg: Config) -> nn.Module:
 
 def draw_images(cfg: Config, manifest: dict, model: GridPrior, batch: dict) -> dict[str, torch.Tensor]:
     """Samples for 8 held-out captions (one per column, two rows), decoded by the autoencoder."""
-    autoencoder, _, _ = load_trained(cfg.autoencoder, manifest["autoencoder_stage"])
+    autoencoder = load_run(cfg.autoencoder, manifest["autoencoder_stage"]).model
     device = batch["image_tokens"].device
     text = make_tokenizer(manifest["tokenizer"], manifest["text_length"])(heldout_captions(8, 64)).to(device)
     generator = torch.Generator(device).manual_seed(0)

@@ -20,7 +20,7 @@ import os
 import random
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -30,12 +30,13 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from pipeline.config import operational
 from pipeline.data.samples import TOKEN_ID_LIMIT, collate, image_sample, token_members
 from pipeline.data.tars import Skip, expand_shards, iter_raw_samples, whole_second_mtime
 from pipeline.data.text import check_tokenizer, make_tokenizer, portable
-from pipeline.engine.config import LaunchConfig
 from pipeline.engine.distributed import barrier, free_cores, setup, teardown
-from stages import load_trained
+from pipeline.launch.config import LaunchConfig, launch_field
+from pipeline.runs import load_run
 
 OUTPUT = "out_dir"
 MANIFEST = "manifest.json"
@@ -50,12 +51,12 @@ class Config:
     autoencoder_stage: str = "dvae"  # which of those stages made it
     tokenizer: str = "open_clip:ViT-B-32"
     text_length: int = 32
-    batch_size: int = 64
-    num_workers: int = 2
+    batch_size: int = operational(64)  # images encoded at once: the codes do not depend on it
+    num_workers: int = operational(2)
     # The encoder's torch threads on CPU; 0: all of this process's cores. The loader workers only
     # decode and tokenize, a small part of a core beside the encoder, and sleep once their queue is full.
-    cpu_threads: int = 0
-    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    cpu_threads: int = operational(0)
+    launch: LaunchConfig = launch_field()
 
     def validate(self) -> None:
         for key in ("out_dir", "shards", "autoencoder"):
@@ -119,7 +120,8 @@ def run(cfg: Config) -> int:
 def _pretokenize(cfg: Config, dist) -> None:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, model_cfg, weights_hash = load_trained(cfg.autoencoder, cfg.autoencoder_stage)
+    trained = load_run(cfg.autoencoder, cfg.autoencoder_stage)
+    model, model_cfg, weights_hash = trained.model, trained.cfg, trained.weights_sha256
     if model_cfg.model.codebook_size > TOKEN_ID_LIMIT:
         raise ValueError(f"autoencoder={cfg.autoencoder!r} has codebook_size {model_cfg.model.codebook_size}: token "
                          f"shards store codes as uint16, so at most {TOKEN_ID_LIMIT} codes")

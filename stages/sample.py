@@ -12,23 +12,23 @@ from __future__ import annotations
 import html
 import json
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import PIL.Image
 import PIL.ImageDraw
-import safetensors.torch
 import torch
 from tqdm import tqdm
 
-from pipeline.config import load_config
+from pipeline.config import operational
 from pipeline.data import shapes
+from pipeline.data.shapes import heldout_captions
 from pipeline.data.text import make_tokenizer
-from pipeline.engine.config import LaunchConfig
 from pipeline.images import to_pil
-from stages import dalle, load_stage, load_trained, pixelcnn
-from stages.cvae import heldout_captions
+from pipeline.launch.config import LaunchConfig, launch_field
+from pipeline.runs import load_run
+from stages import dalle, pixelcnn
 from stages.pretokenize import split_codes
 
 OUTPUT = "out_dir"
@@ -48,13 +48,13 @@ class Config:
     top_p: float | None = None
     guidance_scale: float = 1.0
     seed: int = 0  # image j of each caption is drawn with seed + j: a caption and a seed give one image, in any batch
-    batch_size: int = 16
+    batch_size: int = operational(16)  # each image has its own random stream: batching does not change it
     clip_checkpoint: str = ""  # re-rank with this local open_clip checkpoint
     clip_model: str = "ViT-B-32"
     candidates: int = 4  # with CLIP: samples drawn per image kept
     score: bool = False  # score shapes captions with the oracle: colour and colour+shape accuracy
-    device: str = ""  # where the models run: "" = the GPU when there is one, else the CPU; or "cpu", "cuda:1"
-    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    device: str = operational("")  # where the models run: "" = the GPU when there is one, else the CPU; or "cpu", "cuda:1"
+    launch: LaunchConfig = launch_field()
 
     def validate(self) -> None:
         for key in ("out_dir", "run", "captions"):
@@ -87,17 +87,8 @@ def read_captions(spec: str) -> list[str]:
 
 def load_prior(run: str | Path, stage: str) -> tuple[torch.nn.Module, object]:
     """The model and config of a `stage` run folder (final weights) or of one of its checkpoint folders."""
-    run = Path(run)
-    weights = run / "final" / "model.safetensors"
-    if not weights.exists() and (run / "model.safetensors").exists():  # a checkpoint folder
-        weights, run = run / "model.safetensors", run.parent.parent
-    if not weights.exists():
-        raise FileNotFoundError(f"{run}: no trained prior (expected final/model.safetensors)")
-    module = load_stage(stage)
-    cfg = load_config(module.Config, run / "config.yaml")
-    model = module.build_model(cfg)
-    model.load_state_dict(safetensors.torch.load_file(weights))
-    return model.eval(), cfg
+    trained = load_run(run, stage)
+    return trained.model, trained.cfg
 
 
 Sampler = Callable[[torch.Tensor, list[torch.Generator]], torch.Tensor]  # caption tokens, one generator each -> images
@@ -117,7 +108,7 @@ def make_sampler(cfg: Config) -> tuple[Sampler, dict]:
     prior.to(device)
     if cfg.prior == "dalle":
         manifest = dalle.check_tokens(prior_cfg)
-        dvae, _, _ = load_trained(prior_cfg.dvae, manifest["autoencoder_stage"])
+        dvae = load_run(prior_cfg.dvae, manifest["autoencoder_stage"]).model
         dvae.to(device)
         grid = prior_cfg.model.image_grid
 
@@ -127,7 +118,7 @@ def make_sampler(cfg: Config) -> tuple[Sampler, dict]:
             return dvae.decode(tokens.view(-1, grid, grid))
         return sample_dalle, manifest
     manifest = pixelcnn.check_tokens(prior_cfg)
-    autoencoder, _, _ = load_trained(prior_cfg.autoencoder, manifest["autoencoder_stage"])
+    autoencoder = load_run(prior_cfg.autoencoder, manifest["autoencoder_stage"]).model
     autoencoder.to(device)
     options = {"temperature": cfg.temperature, "top_k": cfg.top_k, "guidance_scale": cfg.guidance_scale}
     if prior_cfg.level == "single":

@@ -1,11 +1,11 @@
 """The `shards` stage: writes image-text shards from the shapes generator, a folder or a table."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.data.build import folder_examples, shapes_examples, table_examples, write_shards
-from pipeline.engine.config import LaunchConfig
+from pipeline.launch.config import LaunchConfig, launch_field
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ShardsConfig:
     image_column: str = "image"
     caption_column: str = "caption"
     samples_per_shard: int = 1000
-    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    launch: LaunchConfig = launch_field()
 
     def validate(self) -> None:
         if not self.out_dir:

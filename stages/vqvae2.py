@@ -8,8 +8,8 @@ from torch import nn
 
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
+from pipeline.images import reconstructions
 from pipeline.models.vqvae2 import VQVAE2, VQVAE2Config
-from stages.dvae import draw_images
 
 OUTPUT = "trainer.out_dir"
 
@@ -24,4 +24,4 @@ def build_model(cfg: Config) -> nn.Module:
 
 
 def run(cfg: Config) -> int:
-    return exit_code(train(cfg, build_model, draw_images))
+    return exit_code(train(cfg, build_model, reconstructions))

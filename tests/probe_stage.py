@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.engine.loop import PREEMPTED_EXIT_CODE
+from pipeline.markers import PREEMPTED_EXIT_CODE
 
 OUTPUT = "out_dir"
 

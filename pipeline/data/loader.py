@@ -11,21 +11,35 @@ Promises:
   `max_bad_fraction` the run stops with DataErrorBudgetExceeded naming the worst shards.
 - `state_dict()` records, per worker, the position after the last batch handed out; a loader given
   that state yields exactly the batches an uninterrupted one would have yielded next (same
-  shards, world size, batch size and worker count).
+  shards, world size, batch size, worker count and mode).
+- Given the states of every rank of the run that wrote them, a loader also resumes across a
+  changed worker count or world size (a changed shard list, sample count, batch size or mode is
+  refused). `mode: epoch` re-plans the rest of the epoch: each old worker's run from the start of
+  the chunk it was in is unread, and those spans are split over the new ranks and workers as a
+  whole epoch would be, so every new rank yields the same number of batches and the epoch still
+  yields every valid sample; the samples an old worker had already taken from its chunk are
+  yielded again, at most `shuffle_buffer - 1` per old worker (none with a buffer of 0 or 1). The
+  next epoch is planned whole. `mode: resampled` draws afresh, seeded by the count of re-plans.
+  Counters carry over: old rank r's go to new rank r mod the new world size, so summed over ranks
+  they count everything once.
 """
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.plan import WorkerPlan, plan_epoch, steps_per_epoch
+from pipeline.config import operational
+from pipeline.data.plan import WorkerPlan, plan_epoch, steps_per_epoch, unread_spans
 from pipeline.data.stream import StreamSpec, WorkerState, WorkerStream, check_error_budget
 from pipeline.data.tars import expand_shards, shard_size
 from pipeline.data.text import make_tokenizer
+
+log = logging.getLogger("t2i.data")
 
 
 @dataclass
@@ -37,14 +51,15 @@ class DataConfig:
     resolution: int = 64
     crop: Literal["center", "random"] = "center"
     batch_size: int = 16  # per rank
-    num_workers: int = 2
+    num_workers: int = operational(2)  # loader processes; a run resumes across a change (module docstring)
     mode: Literal["epoch", "resampled"] = "epoch"
     shuffle_shards: bool = True
     shuffle_buffer: int = 256  # raw samples permuted together; 0 or 1 keeps tar order
     tokenizer: str | None = None  # 'open_clip:ViT-B-32' or 'hf:/local/path'; None gives no tokens
     text_length: int = 77
-    max_bad_fraction: float = 0.05
-    budget_min_samples: int = 200  # the budget is judged once this many samples were read
+    # Whether a run stops on bad data, not what it computes: raise it and resume a stopped run.
+    max_bad_fraction: float = operational(0.05)
+    budget_min_samples: int = operational(200)  # the budget is judged once this many samples were read
 
     def validate(self) -> None:
         if not 8 <= self.resolution <= 4096:
@@ -73,16 +88,18 @@ class StreamingLoader:
             raise ValueError(f"data.shards={cfg.shards!r}: no samples in {len(self.urls)} shard(s)"
                              f" ({len(self.problems)} missing or damaged)")
         self.workers = max(1, cfg.num_workers)
-        self.epoch, self.consumed = 0, 0
+        self.epoch, self.consumed, self.replans = 0, 0, 0
+        self._spans = self._whole_epoch()  # what the current epoch reads, in laid-out positions
         self._worker_states: dict[int, dict] = {}
-        self._finished = WorkerState()  # counters of completed epochs
+        self._finished = WorkerState()  # counters of completed epochs and of the ranks before a re-plan
 
     @property
     def steps_per_epoch(self) -> int | None:
-        """Batches per epoch on every rank; None in resampled mode."""
+        """Batches per epoch on every rank (in a re-planned epoch, those after the re-plan); None in
+        resampled mode."""
         if self.cfg.mode == "resampled":
             return None
-        return steps_per_epoch(self.sizes, self.world_size, self.cfg.batch_size)
+        return steps_per_epoch(self._spans, self.world_size, self.cfg.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -95,12 +112,12 @@ class StreamingLoader:
         if cfg.mode == "resampled":
             plans = [WorkerPlan(worker, None, None) for worker in range(self.workers)]
         else:
-            plans = plan_epoch(self.sizes, epoch=self.epoch, seed=self.seed, rank=self.rank,
+            plans = plan_epoch(self.sizes, self._spans, epoch=self.epoch, seed=self.seed, rank=self.rank,
                                world_size=self.world_size, batch_size=cfg.batch_size,
                                workers=self.workers, shuffle_shards=cfg.shuffle_shards)
         spec = StreamSpec(tuple(self.urls), tuple(self.sizes), cfg.resolution, cfg.crop, cfg.batch_size,
                           cfg.shuffle_buffer, self.seed, self.epoch, self.rank, cfg.max_bad_fraction,
-                          cfg.budget_min_samples if self.enforce_budget else 2**62, cfg.kind)
+                          cfg.budget_min_samples if self.enforce_budget else 2**62, cfg.kind, self.replans)
         states = {worker: WorkerState(**self._worker_states.get(worker, {})) for worker in range(self.workers)}
         dataset = _EpochDataset(spec, plans, states, rotation=self.consumed % self.workers,
                                 tokenizer=cfg.tokenizer, text_length=cfg.text_length)
@@ -119,22 +136,12 @@ class StreamingLoader:
             yield batch
 
     def _finish_epoch(self) -> None:
-        totals = self._counters()
-        self._finished = WorkerState(samples=totals.samples, padded=totals.padded,
-                                     skipped=totals.skipped, bad_shards=totals.bad_shards)
+        self._finished = self._counters()
         self.epoch, self.consumed, self._worker_states = self.epoch + 1, 0, {}
+        self._spans = self._whole_epoch()
 
     def _counters(self) -> WorkerState:
-        total = WorkerState(samples=self._finished.samples, padded=self._finished.padded,
-                            skipped=dict(self._finished.skipped), bad_shards=dict(self._finished.bad_shards))
-        for state in self._worker_states.values():
-            total.samples += state["samples"]
-            total.padded += state["padded"]
-            for reason, count in state["skipped"].items():
-                total.skipped[reason] = total.skipped.get(reason, 0) + count
-            for url, count in state["bad_shards"].items():
-                total.bad_shards[url] = total.bad_shards.get(url, 0) + count
-        return total
+        return _sum_counters([self._finished.as_dict(), *self._worker_states.values()])
 
     def totals(self) -> dict:
         """Samples yielded, skips by reason (damaged shards included), skips by shard, padding."""
@@ -148,20 +155,86 @@ class StreamingLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed,
                 "workers": {str(worker): state for worker, state in self._worker_states.items()},
-                "finished": self._finished.as_dict(), "layout": self._layout()}
+                "finished": self._finished.as_dict(), "layout": self._layout(),
+                "spans": [list(span) for span in self._spans], "replans": self.replans}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["layout"] != self._layout():
-            changed = [f"{key} {old!r} -> {new!r}" for (key, old), new in
-                       zip(state["layout"].items(), self._layout().values()) if old != new]
-            raise ValueError("cannot resume the data position: " + ", ".join(changed) + " changed since the checkpoint")
-        self.epoch, self.consumed = state["epoch"], state["consumed"]
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Resumes from this rank's state, or from the list of the states of every rank of the run
+        that wrote the checkpoint (index = its rank). With the same layout it continues exactly; with
+        another worker count or world size, given every rank's state, it re-plans (module docstring).
+        Raises ValueError naming what changed when the shards, the sample count, the batch size or
+        the mode differ, or when a re-plan lacks some rank's state."""
+        # Checkpoints written before re-planning existed: a whole epoch, never re-planned.
+        states = [{"spans": self._whole_epoch(), "replans": 0, **one}
+                  for one in (state if isinstance(state, list) else [state])]
+        old, new = states[0]["layout"], self._layout()
+        changed = {key: (old[key], new[key]) for key in new if old[key] != new[key]}
+        refused = [key for key in changed if key not in ("world_size", "workers")]
+        if refused:
+            raise ValueError(f"cannot resume the data position: {_describe(changed, refused)} changed since the "
+                             "checkpoint")
+        if not changed:
+            self._restore(states[0] if isinstance(state, dict) else states[self.rank])
+        elif len(states) != old["world_size"] or any(one["epoch"] != states[0]["epoch"] for one in states):
+            raise ValueError(f"cannot resume the data position: {_describe(changed, changed)} changed since the "
+                             f"checkpoint, and re-planning needs the states of all {old['world_size']} ranks of "
+                             f"one checkpoint (got {len(states)})")
+        else:
+            self._replan(states, _describe(changed, changed))
+
+    def same_layout(self, state: dict) -> bool:
+        """Whether one rank's `state` was written with this loader's layout, so that it alone resumes it."""
+        return state["layout"] == self._layout()
+
+    def _restore(self, state: dict) -> None:
+        self.epoch, self.consumed, self.replans = state["epoch"], state["consumed"], state["replans"]
         self._worker_states = {int(worker): dict(value) for worker, value in state["workers"].items()}
         self._finished = WorkerState(**state["finished"])
+        self._spans = [tuple(span) for span in state["spans"]]
+
+    def _replan(self, states: list[dict], what: str) -> None:
+        """Plans the rest of the epoch (or fresh draws) for this layout from every old rank's state;
+        old rank r's counters go to this rank when r % world_size is this rank."""
+        cfg = self.cfg
+        self.epoch, self.consumed, self._worker_states = states[0]["epoch"], 0, {}
+        self.replans = states[0]["replans"] + 1
+        self._finished = _sum_counters(counts for rank, state in enumerate(states)
+                                       if rank % self.world_size == self.rank
+                                       for counts in [state["finished"], *state["workers"].values()])
+        if cfg.mode == "resampled":
+            log.info("data: re-planned for %s; resampled draws start afresh (re-plan %d)", what, self.replans)
+            return
+        positions = [{int(worker): (value["segment"], value["offset"]) for worker, value in state["workers"].items()}
+                     for state in states]
+        self._spans = unread_spans(self.sizes, [tuple(span) for span in states[0]["spans"]], positions,
+                                   epoch=self.epoch, seed=self.seed, batch_size=cfg.batch_size,
+                                   workers=states[0]["layout"]["workers"], shuffle_shards=cfg.shuffle_shards)
+        log.info("data: re-planned the rest of epoch %d for %s: %d of %d samples remain", self.epoch, what,
+                 sum(stop - start for start, stop in self._spans), sum(self.sizes))
+
+    def _whole_epoch(self) -> list[tuple[int, int]]:
+        return [(0, sum(self.sizes))]
 
     def _layout(self) -> dict:
         return {"shards": len(self.urls), "samples": sum(self.sizes), "world_size": self.world_size,
                 "batch_size": self.cfg.batch_size, "workers": self.workers, "mode": self.cfg.mode}
+
+
+def _describe(changed: dict[str, tuple], keys: Iterable[str]) -> str:
+    return ", ".join(f"{key} {changed[key][0]!r} -> {changed[key][1]!r}" for key in keys)
+
+
+def _sum_counters(states: Iterable[dict]) -> WorkerState:
+    """Samples, padding and skips (by reason and by shard) added up over WorkerState dicts."""
+    total = WorkerState()
+    for state in states:
+        total.samples += state["samples"]
+        total.padded += state["padded"]
+        for reason, count in state["skipped"].items():
+            total.skipped[reason] = total.skipped.get(reason, 0) + count
+        for url, count in state["bad_shards"].items():
+            total.bad_shards[url] = total.bad_shards.get(url, 0) + count
+    return total
 
 
 def _worker_init(_: int) -> None:

@@ -168,6 +168,21 @@ def _relation(a: Shape, b: Shape) -> str:
 _PHRASE = re.compile(rf"\b({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")
 
 
+HELDOUT_SEED = 1000  # the seed of configs/shards/shapes-heldout.yaml: captions never trained on
+
+
+def heldout_captions(count: int, resolution: int = 64) -> list[str]:
+    """Single-shape captions from the held-out seed, distinct, in a fixed order."""
+    captions: list[str] = []
+    index = 0
+    while len(captions) < count:
+        caption = generate(index, HELDOUT_SEED, resolution, max_shapes=1).caption
+        if caption not in captions:
+            captions.append(caption)
+        index += 1
+    return captions
+
+
 def caption_colours_and_shapes(caption: str) -> set[tuple[str, str]]:
     """The (colour, shape) pairs stated by a caption that `generate` wrote."""
     return {(colour, shape) for _, colour, shape in _PHRASE.findall(caption)}

@@ -16,8 +16,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from pipeline.data.samples import collate, image_sample, token_sample
 from pipeline.data.plan import Segment, WorkerPlan, resampled_segment
+from pipeline.data.samples import collate, image_sample, token_sample
 from pipeline.data.tars import RawSample, Skip, iter_raw_samples
 
 log = logging.getLogger("t2i.data")
@@ -61,6 +61,7 @@ class StreamSpec:
     max_bad_fraction: float
     budget_min_samples: int
     kind: str = "images"  # or "tokens": shards written by pretokenize
+    replans: int = 0  # times the run was re-planned for a new layout; resampled draws depend on it
 
 
 class WorkerStream:
@@ -122,8 +123,8 @@ class WorkerStream:
 
     def _segment(self, index: int) -> Segment | None:
         if self.plan.segments is None:
-            return resampled_segment(list(self.spec.sizes), seed=self.spec.seed, rank=self.spec.rank,
-                                     worker=self.plan.worker, draw=index)
+            return resampled_segment(list(self.spec.sizes), seed=self.spec.seed, replans=self.spec.replans,
+                                     rank=self.spec.rank, worker=self.plan.worker, draw=index)
         return self.plan.segments[index] if index < len(self.plan.segments) else None
 
     def _read_chunk(self, segment: int, offset: int) -> tuple[list, list[Skip], tuple[int, int]]:

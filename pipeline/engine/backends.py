@@ -1,20 +1,25 @@
 """The two back ends behind the training loop: accelerate (single-node stages, DDP across local
 processes) and DeepSpeed (ZeRO 0-3, bf16/fp16, for the large multi-node stages).
 
-Both offer the same small interface, so the loop never asks which one it has:
-- `micro_batch(batch, skip)`: forward; if `skip(loss)` says so (the ranks agree), drop the micro-batch
-  without a backward pass; else backward. Returns the model's outputs, or None when dropped.
-- `step()`: at the end of an accumulation window: clip, optimizer and LR-schedule step. Returns the
-  gradient norm, or None when the gradients were not finite on some rank and the step was skipped.
-- `save(folder)` / `load(folder)`: model, optimizer, LR schedule and loss scaler.
-- `full_state_dict()`: the whole model's weights (gathered under ZeRO-3), on every rank.
+Both train each phase of a task (task.py; most tasks have one) with its own optimizer, LR schedule
+and wrapper (a DDP module, a DeepSpeed engine), and offer the same small interface, so the loop
+never asks which one it has:
+- `micro_batch(phase, batch, skip)`: forward; if `skip(loss)` says so (the ranks agree), drop the
+  micro-batch without a backward pass; else backward. Returns the task's outputs, or None when dropped.
+- `step(phase)`: at the end of an accumulation window: clip, optimizer and LR-schedule step. Returns
+  the gradient norm, or None when the gradients were not finite on some rank and the step was skipped.
+- `save(folder)` / `load(folder)`: the task, optimizers, LR schedules and loss scalers.
+- `full_state_dict()`: the whole task's weights (gathered under ZeRO-3), on every rank.
+While a phase runs, only its parameters are trainable: a phase's loss never reaches another's
+gradients (or their DDP and ZeRO reductions).
 """
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import safetensors.torch
 import torch
@@ -22,6 +27,7 @@ from torch import nn
 
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.distributed import DistInfo, any_rank
+from pipeline.engine.task import SINGLE_PHASE, PhaseModule, phase_parameters, task_method
 
 Skip = Callable[[torch.Tensor], bool]
 
@@ -40,18 +46,61 @@ def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # foreach=False: the per-parameter path gives bit-identical results however the model is wrapped
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                             betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, foreach=False)
-
-
-def make_backend(model: nn.Module, cfg: TrainConfig, dist: DistInfo):
-    if hasattr(model, "set_activation_checkpointing"):
-        model.set_activation_checkpointing(cfg.engine.activation_checkpointing)
+def make_backend(task: nn.Module, cfg: TrainConfig, dist: DistInfo):
+    task_method(task, "set_activation_checkpointing")(cfg.engine.activation_checkpointing)
     if cfg.engine.backend == "deepspeed":
-        return DeepSpeedBackend(model, cfg, dist)
-    return AccelerateBackend(model, cfg, dist)
+        return DeepSpeedBackend(task, cfg, dist)
+    return AccelerateBackend(task, cfg, dist)
+
+
+@dataclass
+class _Phase:
+    """What one phase trains with: its parameters, its wrapped module, optimizer and LR schedule."""
+
+    parameters: list[nn.Parameter]
+    model: Any  # the DDP-wrapped module, or the DeepSpeed engine
+    optimizer: Any
+    scheduler: Any
+
+
+def _phases(task: nn.Module, cfg: TrainConfig) -> dict[str, tuple[list[nn.Parameter], nn.Module, torch.optim.Optimizer]]:
+    """Per phase: its trainable parameters, the module to wrap (the task itself when it has one
+    phase) and an AdamW over its share of the task's parameter groups."""
+    parameters = phase_parameters(task)
+    groups = task_method(task, "param_groups")(cfg.optim.weight_decay)
+    parts = task_method(task, "phases")()
+    phases = {}
+    for name, mine in parameters.items():
+        ids = {id(p) for p in mine}
+        own = [{**group, "params": [p for p in group["params"] if id(p) in ids]} for group in groups]
+        # foreach=False: the per-parameter path gives bit-identical results however the model is wrapped
+        optimizer = torch.optim.AdamW([group for group in own if group["params"]], lr=cfg.optim.lr,
+                                      betas=cfg.optim.betas, foreach=False)
+        module = task if len(parameters) == 1 else PhaseModule(task, name, parts[name])
+        phases[name] = (mine, module, optimizer)
+    return phases
+
+
+class _Backend:
+    """What both back ends share: the phases and which of them is trainable."""
+
+    def __init__(self, task: nn.Module) -> None:
+        self.module = task  # the unwrapped task
+        self.phases: dict[str, _Phase] = {}
+        self._active: str | None = None
+
+    def _activate(self, phase: str) -> _Phase:
+        """Makes only `phase`'s parameters trainable (nothing to do for a task of one phase)."""
+        if phase != self._active and len(self.phases) > 1:
+            for name, other in self.phases.items():
+                for parameter in other.parameters:
+                    parameter.requires_grad_(name == phase)
+            self._active = phase
+        return self.phases[phase]
+
+    @property
+    def lr(self) -> float:
+        return next(iter(self.phases.values())).scheduler.get_last_lr()[0]
 
 
 def _full_precision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,65 +108,72 @@ def _full_precision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for key, value in state.items()}
 
 
-class AccelerateBackend:
-    def __init__(self, model: nn.Module, cfg: TrainConfig, dist: DistInfo) -> None:
+class AccelerateBackend(_Backend):
+    def __init__(self, task: nn.Module, cfg: TrainConfig, dist: DistInfo) -> None:
         from accelerate import Accelerator
 
+        super().__init__(task)
         self.cfg = cfg
+        phases = _phases(task, cfg)
+        if len(phases) > 1 and cfg.engine.precision == "fp16":
+            raise ValueError("engine.precision: fp16 loss scaling with several optimizers is not supported "
+                             "on the accelerate back end; use bf16")
         self.accelerator = Accelerator(cpu=dist.device.type == "cpu",
                                        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.engine.precision])
-        optimizer = make_optimizer(model, cfg)
-        # The schedule is stepped here once per optimizer step, not by accelerate (which would step
-        # it once per process).
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.module = self.accelerator.unwrap_model(self.model)
+        for name, (parameters, module, optimizer) in phases.items():
+            # The schedule is stepped here once per optimizer step, not by accelerate (which would step
+            # it once per process).
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+            model, optimizer = self.accelerator.prepare(module, optimizer)
+            self.phases[name] = _Phase(parameters, model, optimizer, scheduler)
         self._micro = 0
 
-    def micro_batch(self, batch: dict, skip: Skip) -> dict | None:
+    def micro_batch(self, phase: str, batch: dict, skip: Skip) -> dict | None:
+        current = self._activate(phase)
         accum = self.cfg.engine.grad_accum
         self._micro += 1
         last = self._micro == accum
         # DDP reduces gradients only on the window's last backward pass.
-        with nullcontext() if last else self.accelerator.no_sync(self.model), self.accelerator.autocast():
-            outputs = self.model(batch)
+        with nullcontext() if last else self.accelerator.no_sync(current.model), self.accelerator.autocast():
+            outputs = current.model(batch)
             if skip(outputs["loss"]):
                 self._micro -= 1
                 return None
             self.accelerator.backward(outputs["loss"] / accum)
         return outputs
 
-    def step(self) -> float | None:
+    def step(self, phase: str) -> float | None:
+        current = self.phases[phase]
         self._micro = 0
         clip = self.cfg.optim.grad_clip or float("inf")
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
+        norm = self.accelerator.clip_grad_norm_(current.parameters, clip)
         norm = float(norm) if norm is not None else 0.0
         (bad,) = any_rank(not math.isfinite(norm))
         if bad:
-            self.optimizer.zero_grad(set_to_none=True)
+            current.optimizer.zero_grad(set_to_none=True)
             return None
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        current.optimizer.step()
+        current.scheduler.step()
+        current.optimizer.zero_grad(set_to_none=True)
         return norm
-
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
 
     def save(self, folder: Path, is_main: bool) -> None:
         if not is_main:
             return  # DDP keeps identical weights and optimizer state on every rank
         safetensors.torch.save_file(_full_precision(self.module.state_dict()), folder / "model.safetensors")
         scaler = self.accelerator.scaler
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        torch.save({"phases": {name: {"optimizer": phase.optimizer.state_dict(), "scheduler": phase.scheduler.state_dict()}
+                               for name, phase in self.phases.items()},
                     "scaler": scaler.state_dict() if scaler is not None else None}, folder / "optimizer.pt")
 
     def load(self, folder: Path) -> None:
         self.module.load_state_dict(safetensors.torch.load_file(folder / "model.safetensors"))
         state = torch.load(folder / "optimizer.pt", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if "phases" not in state:  # written before tasks had phases: one optimizer
+            state["phases"] = {SINGLE_PHASE: {"optimizer": state["optimizer"], "scheduler": state["scheduler"]}}
+        for name, phase in self.phases.items():
+            phase.optimizer.load_state_dict(state["phases"][name]["optimizer"])
+            phase.scheduler.load_state_dict(state["phases"][name]["scheduler"])
         if state["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
 
@@ -125,10 +181,11 @@ class AccelerateBackend:
         return _full_precision(self.module.state_dict())
 
 
-class DeepSpeedBackend:
-    def __init__(self, model: nn.Module, cfg: TrainConfig, dist: DistInfo) -> None:
+class DeepSpeedBackend(_Backend):
+    def __init__(self, task: nn.Module, cfg: TrainConfig, dist: DistInfo) -> None:
         import deepspeed
 
+        super().__init__(task)
         engine_cfg = cfg.engine
         config = {
             "train_micro_batch_size_per_gpu": cfg.data.batch_size,
@@ -141,42 +198,51 @@ class DeepSpeedBackend:
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
         }
-        optimizer = make_optimizer(model, cfg)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg)))
-        self.module = self.engine.module
+        phases = _phases(task, cfg)
+        if len(phases) > 1 and engine_cfg.zero_stage == 3:
+            raise ValueError("engine.zero_stage: a task with several phases trains with ZeRO stages 0-2")
+        for name, (parameters, module, optimizer) in phases.items():
+            engine, _, _, scheduler = deepspeed.initialize(
+                model=module, optimizer=optimizer, config=config,
+                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg)))
+            self.phases[name] = _Phase(parameters, engine, engine.optimizer, scheduler)
         self.zero_stage = engine_cfg.zero_stage
         self._dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[engine_cfg.precision]
 
-    def micro_batch(self, batch: dict, skip: Skip) -> dict | None:
+    def micro_batch(self, phase: str, batch: dict, skip: Skip) -> dict | None:
+        engine = self._activate(phase).model
         if self._dtype != torch.float32:
             batch = {key: value.to(self._dtype) if torch.is_tensor(value) and value.is_floating_point() else value
                      for key, value in batch.items()}
-        outputs = self.engine(batch)
+        outputs = engine(batch)
         if skip(outputs["loss"]):
             return None  # no backward and no engine.step: DeepSpeed's window simply waits for another micro-batch
-        self.engine.backward(outputs["loss"])
-        self.engine.step()  # applies the update only at the end of the accumulation window
+        engine.backward(outputs["loss"])
+        engine.step()  # applies the update only at the end of the accumulation window
         return outputs
 
-    def step(self) -> float | None:
-        norm = self.engine.get_global_grad_norm()
+    def step(self, phase: str) -> float | None:
+        norm = self.phases[phase].model.get_global_grad_norm()
         norm = float(norm) if norm is not None else 0.0
         return norm if math.isfinite(norm) else None
 
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
     def save(self, folder: Path, is_main: bool) -> None:
-        self.engine.save_checkpoint(str(folder), tag="deepspeed")
+        for name, phase in self.phases.items():
+            phase.model.save_checkpoint(str(folder), tag=self._tag(name))
+        if len(self.phases) > 1 and is_main:  # buffers and frozen weights of the task that no engine holds
+            safetensors.torch.save_file(self.full_state_dict(), folder / "model.safetensors")
 
     def load(self, folder: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
+        if len(self.phases) > 1:
+            self.module.load_state_dict(safetensors.torch.load_file(folder / "model.safetensors"))
+        for name, phase in self.phases.items():
+            path, _ = phase.model.load_checkpoint(str(folder), tag=self._tag(name), load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed found no checkpoint {self._tag(name)!r} in {folder}")
+
+    def _tag(self, phase: str) -> str:
+        return "deepspeed" if len(self.phases) == 1 else f"deepspeed-{phase}"
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         if self.zero_stage < 3:

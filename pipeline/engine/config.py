@@ -1,12 +1,16 @@
 """The configs every training stage shares: optimizer, trainer, engine (back end) and launch.
 
-A training stage's config is `TrainConfig` plus its own `model` section."""
+A training stage's config is `TrainConfig` plus its own `model` section. Fields declared
+`operational` change how a run executes, not its result: the run cache ignores them, and a run
+resumes across a change of them. Raising the `extendable` `trainer.max_steps` continues a run."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline.config import extendable, operational
 from pipeline.data.loader import DataConfig
+from pipeline.launch.config import LaunchConfig, launch_field
 
 
 @dataclass
@@ -27,14 +31,14 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     out_dir: str = ""
-    max_steps: int = 1000
-    save_every: int = 200  # checkpoint every N optimizer steps (and at the end, and on SIGTERM/SIGUSR1)
-    keep_checkpoints: int = 2  # committed checkpoints kept; older ones go once a newer one is committed
+    max_steps: int = extendable(1000)  # raised on a finished or unfinished run: it continues from its last checkpoint
+    save_every: int = operational(200)  # checkpoint every N optimizer steps (and at the end, and on SIGTERM/SIGUSR1)
+    keep_checkpoints: int = operational(2)  # committed checkpoints kept; older ones go once a newer one is committed
     seed: int = 0
-    log_every: int = 10
-    image_every: int = 0  # image grids every N steps; 0: only at the end
+    log_every: int = operational(10)
+    image_every: int = operational(0)  # image grids every N steps; 0: only at the end
     ema_decay: float = 0.0  # 0 turns the EMA off; e.g. 0.999
-    max_nonfinite_skips: int = 10  # consecutive skipped micro-batches with NaN/Inf before the run stops
+    max_nonfinite_skips: int = operational(10)  # consecutive skipped micro-batches with NaN/Inf before the run stops
     deterministic: bool = False  # torch.use_deterministic_algorithms
 
     def validate(self) -> None:
@@ -52,12 +56,13 @@ class EngineConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     grad_accum: int = 1  # micro-batches per optimizer step
-    activation_checkpointing: bool = False  # models that support it recompute activations in backward
-    timeout_s: int = 600  # a collective waiting longer than this fails the run instead of hanging
-    cpu_threads: int = 0  # torch threads per process on CPU; 0: this node's cores shared out, data workers counted
+    # Models that support it recompute activations in the backward pass: the same result, less memory.
+    activation_checkpointing: bool = operational(False)
+    timeout_s: int = operational(600)  # a collective waiting longer than this fails the run instead of hanging
+    cpu_threads: int = operational(0)  # torch threads per process on CPU; 0: this node's cores shared out, data workers counted
     # Convolutional models: weights and image batches in NHWC (channels-last) order, which oneDNN and
     # cuDNN convolve faster (a tiny dVAE's training step on 2 CPU cores: 244 -> 184 ms).
-    channels_last: bool = False
+    channels_last: bool = operational(False)
 
     def validate(self) -> None:
         if not 0 <= self.zero_stage <= 3:
@@ -71,39 +76,12 @@ class EngineConfig:
 
 
 @dataclass
-class LaunchConfig:
-    """Where a stage runs: processes here (`t2i run`), and its SLURM resources (`t2i submit`)."""
-
-    nnodes: int = 1
-    nproc_per_node: int = 1  # processes per node: one per GPU on GPU nodes
-    gpus_per_node: int = 0
-    cpus_per_task: int = 2
-    mem: str = ""  # e.g. "64G"; empty: the partition's default
-    time: str = "01:00:00"  # SLURM time limit
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    sbatch_extra: list[str] = field(default_factory=list)  # more `#SBATCH` options, e.g. "--constraint=a100"
-    site_hook: str = ""  # a shell file sourced before the stage starts (module loads, venv activation)
-    signal_grace_s: int = 120  # SLURM signals the job this long before its time limit; it checkpoints and requeues
-
-    def validate(self) -> None:
-        if self.nnodes < 1 or self.nproc_per_node < 1 or self.cpus_per_task < 1 or self.gpus_per_node < 0:
-            raise ValueError("nnodes, nproc_per_node and cpus_per_task must be >= 1, gpus_per_node >= 0")
-        if self.signal_grace_s < 1:
-            raise ValueError("signal_grace_s must be >= 1")
-        for option in self.sbatch_extra:
-            if not option.startswith("--") or "\n" in option:
-                raise ValueError(f"sbatch_extra entries are single long options like '--constraint=a100', got {option!r}")
-
-
-@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    launch: LaunchConfig = launch_field()
 
     def validate(self) -> None:
         if not self.data.shards:

@@ -1,19 +1,25 @@
 """The one training loop every training stage runs.
 
 A stage supplies a config (`TrainConfig` plus its `model` section), a function that builds its
-model (an `nn.Module` whose forward takes a batch dict and returns a dict with `loss` and scalars
-to log) and, optionally, a function that draws image grids. The loop does the rest: process group,
-back end, data, checkpoints and resume, preemption, non-finite steps, EMA, logging, export.
+training task (task.py: an `nn.Module` whose forward takes a batch dict and returns a dict with
+`loss` and scalars to log, with optional hooks) and, optionally, a function that draws image grids.
+The loop does the rest: process group, back end, data, checkpoints and resume, preemption,
+non-finite steps, EMA, logging, export.
 
-Resume: running again on an unfinished OUT_DIR loads the newest committed checkpoint (model,
-optimizer, LR schedule, loss scaler, EMA, counters, RNG state per rank, data position per rank)
-and continues with the next step and the next unseen batch; a finished OUT_DIR is left as it is.
+Resume: running again on an unfinished OUT_DIR loads the newest committed checkpoint (task,
+optimizers, LR schedules, loss scaler, EMA, counters, RNG state per rank, data position per rank)
+and continues with the next step and the next unseen batch. Operational settings may change in
+between: with another worker count or world size the loader re-plans the rest of its epoch (ZeRO
+stages 1-3 cannot change world size). A finished OUT_DIR is left as it is, unless
+`trainer.max_steps` was raised: then training continues from its last checkpoint and the export
+in `final/` is replaced at the new end.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -25,16 +31,14 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline.config import dump_config
 from pipeline.data.loader import StreamingLoader
 from pipeline.engine.backends import make_backend
 from pipeline.engine.checkpoint import Checkpointer, latest, step_of
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.distributed import DistInfo, any_rank, barrier, free_cores, setup, teardown
 from pipeline.engine.monitor import Monitor
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal; run the same command again to resume
-PREEMPTED_MARKER = "PREEMPTED"
+from pipeline.engine.task import task_method
+from pipeline.markers import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 
 BuildModel = Callable[[TrainConfig], nn.Module]
 DrawImages = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
@@ -59,6 +63,14 @@ class Preemption:
             signal.signal(sig, handler)
 
 
+def finished_step(out: Path) -> int | None:
+    """The step at which the run in `out` exported its final weights, or None when it has not."""
+    metrics = out / "final" / "metrics.json"
+    if not (out / "final" / "model.safetensors").exists():
+        return None
+    return json.loads(metrics.read_text())["step"] if metrics.exists() else 0
+
+
 def exit_code(status: str) -> int:
     """The process exit code for what `train` returned."""
     return PREEMPTED_EXIT_CODE if status == "preempted" else 0
@@ -68,9 +80,13 @@ def train(cfg: TrainConfig, build_model: BuildModel, draw_images: DrawImages | N
     """Trains to `trainer.max_steps`, resuming if OUT_DIR holds a checkpoint. Returns 'finished',
     or 'preempted' after a signal (the checkpoint is written; exit with PREEMPTED_EXIT_CODE)."""
     out = Path(cfg.trainer.out_dir)
-    if (out / "final" / "model.safetensors").exists():
-        print(f"{out}: already finished; delete {out / 'final'} to train again", flush=True)
+    exported = finished_step(out)
+    if exported is not None and exported >= cfg.trainer.max_steps:
+        print(f"{out}: already finished at step {exported}; raise trainer.max_steps to train on", flush=True)
         return "finished"
+    if exported is not None and latest(out / "checkpoints") is None:
+        raise FileNotFoundError(f"{out}: trainer.max_steps is {cfg.trainer.max_steps}, but the run finished at step "
+                                f"{exported} and no checkpoint is left to continue from")
     dist = setup(cfg.engine.backend, cfg.engine.timeout_s)
     try:
         return _Run(cfg, dist, build_model, draw_images).run()
@@ -84,20 +100,20 @@ class _Run:
         self.out = Path(cfg.trainer.out_dir)
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.out / "config.yaml")
         _seed_everything(cfg.trainer.seed + dist.rank, cfg.trainer.deterministic)
         if dist.device.type == "cpu":
             threads = _cpu_threads(cfg)
             os.environ["OMP_NUM_THREADS"] = str(threads)  # else accelerate sets its own count over ours
             torch.set_num_threads(threads)
         self.memory_format = torch.channels_last if cfg.engine.channels_last else torch.preserve_format
-        model = build_model(cfg).to(dist.device, memory_format=self.memory_format)
-        self.backend = make_backend(model, cfg, dist)
+        task = build_model(cfg).to(dist.device, memory_format=self.memory_format)
+        self.backend = make_backend(task, cfg, dist)
         self.ema = (AveragedModel(self.backend.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema_decay),
                                   use_buffers=True) if cfg.trainer.ema_decay else None)
         self.loader = StreamingLoader(cfg.data, seed=cfg.trainer.seed, rank=dist.rank, world_size=dist.world_size)
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.trainer.keep_checkpoints, dist)
         self.step, self.samples, self.nonfinite = 0, 0, 0
+        self._consecutive_skips = 0
         self.preview: dict | None = None  # the batch image grids are drawn from, fixed for the run
 
     # -- checkpoint state -------------------------------------------------------------------------
@@ -113,24 +129,34 @@ class _Run:
         checkpoint = latest(self.out / "checkpoints")
         if checkpoint is None:
             return
+        states = sorted(checkpoint.glob("rank-*.pt"), key=lambda path: int(path.stem.split("-")[1]))
+        world = self.dist.world_size
+        if len(states) != world and self.cfg.engine.backend == "deepspeed" and self.cfg.engine.zero_stage:
+            raise ValueError(f"{checkpoint} was written by {len(states)} ranks with ZeRO stage {self.cfg.engine.zero_stage}, "
+                             f"whose optimizer state is split per rank: resume it with {len(states)} ranks "
+                             f"(launch.nnodes x launch.nproc_per_node), not {world}")
         self.backend.load(checkpoint)
         if self.ema is not None:
             self.ema.load_state_dict(safetensors.torch.load_file(checkpoint / "ema.safetensors"))
-        state = torch.load(checkpoint / f"rank-{self.dist.rank}.pt", weights_only=True)
+        own = torch.load(states[self.dist.rank], weights_only=True) if self.dist.rank < len(states) else None
+        if len(states) == world and self.loader.same_layout(own["loader"]):
+            state = own
+            self.loader.load_state_dict(state["loader"])
+            _set_rng_state(state["rng"])
+        else:  # another world size or worker count: the loader re-plans from every old rank's position
+            every = [own if rank == self.dist.rank else torch.load(path, weights_only=True) for rank, path in enumerate(states)]
+            self.loader.load_state_dict([rank_state["loader"] for rank_state in every])
+            state = own if len(states) == world else every[0]
+            if len(states) == world:
+                _set_rng_state(own["rng"])
+            else:  # the random streams of ranks that did not exist cannot continue: all start afresh
+                _seed_everything(self.cfg.trainer.seed + self.dist.rank + 1_000_003 * state["step"],
+                                 self.cfg.trainer.deterministic)
         self.step, self.samples, self.nonfinite = state["step"], state["samples"], state["nonfinite"]
-        self.loader.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"])
         if self.dist.is_main:
             (self.out / PREEMPTED_MARKER).unlink(missing_ok=True)
-            print(f"resumed from {checkpoint} (step {step_of(checkpoint)})", flush=True)
-
-    def _set_schedule_step(self) -> None:
-        """A model whose schedules follow training (the dVAE's temperature and KL weight) reads a
-        `step` buffer: the loop sets it to the optimizer steps taken, which forward passes would
-        over-count with gradient accumulation or skipped non-finite micro-batches."""
-        step = getattr(self.backend.module, "step", None)
-        if isinstance(step, torch.Tensor):
-            step.fill_(self.step)
+            moved = f"; world size {len(states)} -> {world}" if len(states) != world else ""
+            print(f"resumed from {checkpoint} (step {step_of(checkpoint)}){moved}", flush=True)
 
     def _update_ema(self) -> None:
         self.ema.update_parameters(self.backend.module)
@@ -146,38 +172,24 @@ class _Run:
     def run(self) -> str:
         cfg, dist = self.cfg, self.dist
         self._resume()
+        after_step = task_method(self.backend.module, "after_step")
+        after_step(self.step)
         preemption = Preemption()
         monitor = Monitor(self.out, dist.is_main, cfg.trainer.max_steps, self.step, cfg.trainer.log_every)
-        batches = iter(self.loader)
-        consecutive_skips = 0
+        self._batches = iter(self.loader)
         try:
             while self.step < cfg.trainer.max_steps:
-                outputs, samples, waited = None, 0, 0.0
-                good = 0
-                while good < cfg.engine.grad_accum:
-                    start = time.perf_counter()
-                    batch = _to_device(next(batches), dist.device, self.memory_format)
-                    waited += time.perf_counter() - start
-                    if self.preview is None:
-                        self.preview = batch
-                    result = self.backend.micro_batch(batch, _nonfinite_anywhere)
-                    if result is None:
-                        consecutive_skips = self._count_skip(consecutive_skips)
-                        continue
-                    good, outputs = good + 1, result
-                    samples += int(batch["valid"].sum())
-                norm = self.backend.step()
-                if norm is None:
-                    consecutive_skips = self._count_skip(consecutive_skips)
-                    continue
-                consecutive_skips = 0
+                trained = self._train_step()
+                if trained is None:
+                    continue  # no phase could take its step: it is tried again on new data
+                outputs, scalars, samples, waited = trained
                 self.step += 1
-                self._set_schedule_step()
+                after_step(self.step)
                 self.samples += samples
                 if self.ema is not None:
                     self._update_ema()
-                monitor.step(self.step, {k: v.detach() for k, v in outputs.items()}, samples * dist.world_size, waited,
-                             {"lr": self.backend.lr, "grad_norm": norm, "nonfinite_skipped": self.nonfinite,
+                monitor.step(self.step, outputs, samples * dist.world_size, waited,
+                             {"lr": self.backend.lr, **scalars, "nonfinite_skipped": self.nonfinite,
                               "samples_skipped": sum(self.loader.totals()["skipped"].values())})
                 (preempted,) = any_rank(preemption.requested)
                 if preempted or self.step % cfg.trainer.save_every == 0 or self.step == cfg.trainer.max_steps:
@@ -196,12 +208,44 @@ class _Run:
             monitor.close()
             preemption.restore()
 
-    def _count_skip(self, consecutive: int) -> int:
+    def _train_step(self) -> tuple[dict, dict, int, float] | None:
+        """One optimizer step of every phase, on grad_accum good micro-batches each (the same ones for
+        every phase; a dropped micro-batch is replaced by the next one). Returns the outputs to log,
+        the gradient norms, the valid samples trained on and the time spent waiting for data; None
+        when no phase could take its step."""
+        window: list[dict] = []
+        waited, outputs, norms, samples = 0.0, {}, {}, 0
+        for index, phase in enumerate(self.backend.phases):
+            good = used = 0
+            while good < self.cfg.engine.grad_accum:
+                if used == len(window):
+                    start = time.perf_counter()
+                    window.append(_to_device(next(self._batches), self.dist.device, self.memory_format))
+                    waited += time.perf_counter() - start
+                    self.preview = window[-1] if self.preview is None else self.preview
+                batch, used = window[used], used + 1
+                result = self.backend.micro_batch(phase, batch, _nonfinite_anywhere)
+                if result is None:
+                    self._count_skip()
+                    continue
+                good += 1
+                samples += int(batch["valid"].sum()) if index == 0 else 0
+                outputs.update({key if index == 0 else f"{phase}/{key}": value.detach() for key, value in result.items()})
+            norm = self.backend.step(phase)
+            if norm is None:
+                self._count_skip()
+                continue
+            norms["grad_norm" if index == 0 else f"{phase}/grad_norm"] = norm
+        if len(norms) == len(self.backend.phases):
+            self._consecutive_skips = 0
+        return (outputs, norms, samples, waited) if norms else None
+
+    def _count_skip(self) -> None:
         self.nonfinite += 1
-        if consecutive + 1 >= self.cfg.trainer.max_nonfinite_skips:
-            raise NonFiniteLoss(f"{consecutive + 1} consecutive micro-batches with a NaN or Inf loss or gradient "
+        self._consecutive_skips += 1
+        if self._consecutive_skips >= self.cfg.trainer.max_nonfinite_skips:
+            raise NonFiniteLoss(f"{self._consecutive_skips} consecutive micro-batches with a NaN or Inf loss or gradient "
                                 f"at step {self.step} (trainer.max_nonfinite_skips={self.cfg.trainer.max_nonfinite_skips})")
-        return consecutive + 1
 
     def _images(self, monitor: Monitor) -> None:
         if self.draw_images is None or self.preview is None:
@@ -226,7 +270,11 @@ class _Run:
             metrics = {"step": self.step, "samples": self.samples, "nonfinite_skipped": self.nonfinite,
                        **monitor.last, "data": self.loader.totals()}
             (final / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            shutil.rmtree(self.out / "final.old", ignore_errors=True)
+            if (self.out / "final").exists():  # an earlier end, before trainer.max_steps was raised
+                (self.out / "final").replace(self.out / "final.old")
             final.replace(self.out / "final")
+            shutil.rmtree(self.out / "final.old", ignore_errors=True)
         barrier()
 
 

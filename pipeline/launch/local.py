@@ -23,7 +23,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pipeline.launch.dag import Job, downstream, load_pipeline
+from pipeline.launch.dag import Job, check_folders, forced_stages, load_pipeline
+from pipeline.markers import INTERRUPTED_EXIT_CODE
 from pipeline.report import write_report
 
 
@@ -66,18 +67,17 @@ class _Running:
     started: float = field(default_factory=time.monotonic)
 
 
-INTERRUPTED_EXIT_CODE = 130  # the shell's code for a Ctrl-C
-
-
-def run_pipeline(path: str | os.PathLike, from_stage: str | None = None, jobs: int = 1) -> int:
+def run_pipeline(path: str | os.PathLike, from_stage: str | None = None, jobs: int = 1, discard: bool = False) -> int:
     """Runs the pipeline's incomplete stages, up to `jobs` at once; returns 0, the exit code of
     the first stage that failed (stages already running are let finish; no new one starts), or
-    INTERRUPTED_EXIT_CODE after Ctrl-C, SIGTERM or SIGHUP once the running stages have stopped."""
+    INTERRUPTED_EXIT_CODE after Ctrl-C, SIGTERM or SIGHUP once the running stages have stopped.
+    `from_stage` starts that stage and its dependents again, their folders kept as STAGE.old-N
+    (deleted with `discard`). Raises RunConflict, before any stage runs, when a stage's folder
+    holds a run of other result-changing values (dag.py)."""
     name, all_jobs = load_pipeline(path)
-    if from_stage is not None and from_stage not in {job.name for job in all_jobs}:
-        raise ValueError(f"--from {from_stage!r}: no such stage in {path}")
+    forced = forced_stages(all_jobs, from_stage, path)
+    check_folders(all_jobs, forced, f"t2i run {path}")
     slots = core_slots(sorted(os.sched_getaffinity(0)), jobs)
-    forced = downstream(all_jobs, from_stage) if from_stage else set()
     done: set[str] = set()
     waiting: list[Job] = []
     for job in all_jobs:
@@ -100,7 +100,7 @@ def run_pipeline(path: str | os.PathLike, from_stage: str | None = None, jobs: i
                 alone = not running and not ready
                 taken, free = (free, []) if alone else ([free[0]], free[1:])
                 waiting.remove(job)
-                running.append(_start(name, job, job.name in forced, taken, slots, echo=jobs == 1 or alone))
+                running.append(_start(name, job, job.name in forced, discard, taken, slots, echo=jobs == 1 or alone))
             if not running:
                 break
             finished = _wait_any(running)
@@ -135,10 +135,13 @@ def run_pipeline(path: str | os.PathLike, from_stage: str | None = None, jobs: i
     return 0
 
 
-def _start(name: str, job: Job, fresh: bool, taken: list[int], slots: list[frozenset[int]], echo: bool) -> _Running:
-    """Starts `job` (in an emptied output folder when `fresh`) on the cores of slots `taken`, its
-    output appended to its log (and copied to this terminal when `echo`)."""
-    job.prepare(fresh=fresh)
+def _start(name: str, job: Job, fresh: bool, discard: bool, taken: list[int], slots: list[frozenset[int]],
+           echo: bool) -> _Running:
+    """Starts `job` (afresh when `fresh`, its old folder kept aside or, with `discard`, deleted) on
+    the cores of slots `taken`, its output appended to its log (and copied to this terminal when `echo`)."""
+    note = job.prepare(fresh=fresh, discard=discard)
+    if note:
+        print(f"[{name}] {job.name}: {note}", flush=True)
     log = job.out_dir / "log.txt"
     command = stage_command(job.stage, job.config_path, job.overrides, job.cfg)
     cores = sorted(frozenset().union(*(slots[i] for i in taken)))

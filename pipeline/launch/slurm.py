@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from pipeline.engine.checkpoint import latest, step_of
-from pipeline.engine.config import LaunchConfig
-from pipeline.engine.loop import PREEMPTED_MARKER
-from pipeline.launch.dag import COMPLETE_MARKER, Job, load_pipeline
+from pipeline.launch.config import LaunchConfig
+from pipeline.launch.dag import Job, check_folders, forced_stages, load_pipeline
+from pipeline.markers import COMPLETE_MARKER, PREEMPTED_MARKER
 
 JOBS_FILE = "jobs.json"
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:,=@%+/\-]*$")
@@ -96,15 +96,18 @@ def _directive(value: str) -> str:
     return f'{key}="{rest}"' if sep and key.startswith("--") else f'"{value}"'
 
 
-def submit(pipeline: str | Path, dry_run: bool = False) -> int:
-    """Submits the pipeline's incomplete stages; prints the scripts instead with `dry_run`."""
+def submit(pipeline: str | Path, dry_run: bool = False, from_stage: str | None = None, discard: bool = False) -> int:
+    """Submits the pipeline's incomplete stages; prints the scripts instead with `dry_run`.
+    `from_stage` and `discard` and the refusal of folders holding other runs are `t2i run`'s (dag.py)."""
     name, jobs = load_pipeline(pipeline)
+    forced = forced_stages(jobs, from_stage, pipeline)
+    check_folders(jobs, forced, f"t2i submit {pipeline}")
     workdir = Path.cwd().resolve()
     root = jobs[0].out_dir.parent
     record = _read_record(root)
     submitted: dict[str, str] = {}
     for job in jobs:
-        if job.is_complete():
+        if job.name not in forced and job.is_complete():
             print(f"{job.name}: complete, not submitted ({job.out_dir})")
             continue
         script = job_script(job, name, workdir)
@@ -114,7 +117,9 @@ def submit(pipeline: str | Path, dry_run: bool = False) -> int:
             print(f"# sbatch {shlex.join(options)} {job.name}.sbatch\n{script}")
             submitted[job.name] = f"<{job.name}>"
             continue
-        job.prepare(fresh=False)
+        note = job.prepare(fresh=job.name in forced, discard=discard)
+        if note:
+            print(f"{job.name}: {note}")
         path = root / "slurm" / f"{job.name}.sbatch"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(script)

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from pipeline.models.reduction import valid_mean
 from pipeline.models.text import TextEncoder, TextEncoderConfig
-from pipeline.models.vae import (Decoder, Encoder, gaussian_kl, psnr, reconstruction_nll, reparameterise,
-                                 standard_normal, valid_mean)
+from pipeline.models.vae import Decoder, Encoder, gaussian_kl, psnr, reconstruction_nll, reparameterise, standard_normal
 
 
 @dataclass

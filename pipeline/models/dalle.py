@@ -31,7 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.models.vae import valid_mean
+from pipeline.engine.task import Task
+from pipeline.models.autoregressive import Generators, KVCache, sample_logits
+from pipeline.models.guidance import drop_captions, guide, with_null_captions
+from pipeline.models.reduction import valid_mean
 
 
 @dataclass
@@ -95,23 +98,6 @@ def flops_per_sample(cfg: DALLEConfig) -> int:
     return 6 * (t * blocks + cfg.width * heads) + 12 * cfg.depth * cfg.width * t ** 2
 
 
-class KVCache:
-    """Keys and values (B, nh, t, hs) of the t positions one attention layer has seen, for sampling."""
-
-    def __init__(self) -> None:
-        self.kv: tuple[Tensor, Tensor] | None = None
-
-    def __len__(self) -> int:
-        return 0 if self.kv is None else self.kv[0].shape[2]
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Appends the keys and values (B, nh, n, hs) of the next n positions; returns all so far."""
-        if self.kv is not None:
-            k, v = torch.cat([self.kv[0], k], 2), torch.cat([self.kv[1], v], 2)
-        self.kv = k, v
-        return k, v
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: DALLEConfig) -> None:
         super().__init__()
@@ -156,36 +142,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-Generators = torch.Generator | list[torch.Generator] | None
-
-
-def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, generator: Generators = None) -> Tensor:
-    """One token per row of logits (B, V) -> (B,). The logits are divided by the temperature, then
-    limited to the top_k most likely tokens, then to the smallest set of them holding top_p of the
-    probability (always keeping the most likely). Drawn with `generator`, or with one generator per
-    row (a list, all on one device), so that a row's tokens do not depend on the rest of its batch;
-    on the generators' device, so CPU generators reproduce the same tokens on any accelerator."""
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p is not None:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # mass before a token already exceeds top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), -math.inf)
-    probs = logits.softmax(-1)
-    if not isinstance(generator, list):  # one stream for the whole batch
-        device = probs.device if generator is None else generator.device
-        return torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(probs.device)
-    on_device = probs.to(generator[0].device)  # one copy for all rows
-    rows = [torch.multinomial(row[None], 1, generator=row_generator)
-            for row, row_generator in zip(on_device, generator, strict=True)]
-    return torch.cat(rows).squeeze(1).to(probs.device)
-
-
-class DALLE(nn.Module):
+class DALLE(Task):
     """The transformer prior p(text, image tokens); `generate` samples image tokens given a caption."""
 
     def __init__(self, cfg: DALLEConfig) -> None:
@@ -257,7 +214,7 @@ class DALLE(nn.Module):
         for the image. With use_cache the text runs in one pass and the image one token at a time
         through the KV cache, as in `generate`; the logits agree up to rounding."""
         if use_cache:
-            caches = [KVCache() for _ in self.blocks]
+            caches = [KVCache(self.cfg.sequence_length) for _ in self.blocks]
             h = torch.cat([self._transform(self._embed_text(text_tokens), caches)]
                           + [self._transform(self._embed_image(image_tokens[:, k:k + 1], k), caches)
                              for k in range(image_tokens.shape[1] - 1)], 1)  # (B, T, W)
@@ -273,9 +230,8 @@ class DALLE(nn.Module):
         In training each caption is replaced by all padding with probability caption_dropout."""
         text, image = batch["text_tokens"], batch["image_tokens"]  # (B, Lt), (B, N)
         valid = batch.get("valid", torch.ones(text.shape[0], dtype=torch.bool, device=text.device))  # (B,)
-        if self.training and self.cfg.caption_dropout > 0:
-            drop = torch.rand(text.shape[0], device=text.device) < self.cfg.caption_dropout  # (B,)
-            text = text.masked_fill(drop[:, None], 0)
+        if self.training:
+            text = drop_captions(text, self.cfg.caption_dropout)
         text_logits, image_logits = self.logits(text, image)
         ce_text = F.cross_entropy(text_logits.float().transpose(1, 2), self.text_ids(text)[:, 1:],
                                   reduction="none").mean(1)  # (B,)
@@ -290,12 +246,14 @@ class DALLE(nn.Module):
                  top_p: float | None = None, guidance_scale: float = 1.0,
                  generator: Generators = None) -> Tensor:
         """Captions (B, Lt) -> image tokens (B, N) sampled one at a time through the KV cache (see
-        `sample_logits`). guidance_scale != 1 is classifier-free guidance: logits = uncond + guidance_scale
-        * (cond - uncond), uncond from an all-padding caption. Dropout follows the mode: call eval() first."""
+        `sample_logits`). guidance_scale != 1 is classifier-free guidance (see guidance.py): logits =
+        uncond + guidance_scale * (cond - uncond), uncond from an all-padding caption. Dropout follows the
+        mode: call eval() first."""
         guided = guidance_scale != 1
         if guided:
-            text_tokens = torch.cat([text_tokens, torch.zeros_like(text_tokens)])  # (2B, Lt)
-        caches = [KVCache() for _ in self.blocks]
+            text_tokens = with_null_captions(text_tokens)  # (2B, Lt)
+        # The stream reaches sequence_length positions: the last image token is sampled, never fed.
+        caches = [KVCache(self.cfg.sequence_length) for _ in self.blocks]
         h = self._transform(self._embed_text(text_tokens), caches)[:, -1]  # (B or 2B, W)
         image: list[Tensor] = []
         for k in range(self.cfg.image_grid ** 2):
@@ -304,7 +262,6 @@ class DALLE(nn.Module):
                 h = self._transform(self._embed_image(step[:, None], k - 1), caches)[:, -1]
             logits = self.image_head(h).float()  # (B or 2B, V)
             if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + guidance_scale * (cond - uncond)  # (B, V)
+                logits = guide(*logits.chunk(2), guidance_scale)  # (B, V)
             image.append(sample_logits(logits, temperature, top_k, top_p, generator))  # (B,)
         return torch.stack(image, 1)

@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.engine.task import Task
 from pipeline.models.categorical import codebook_usage, cosine_schedule, gumbel_softmax, kl_to_uniform, usage_gap
-from pipeline.models.vae import psnr, valid_mean
+from pipeline.models.reduction import valid_mean
+from pipeline.models.vae import psnr
 
 IMAGE_CHANNELS = 3
 
@@ -154,10 +156,10 @@ class Decoder(nn.Module):
         return self.blocks(z)
 
 
-class DiscreteVAE(nn.Module):
+class DiscreteVAE(Task):
     """The dVAE. The tau and beta schedules read the buffer `step`, the optimizer steps taken so
-    far: the training loop keeps it (pipeline.engine.loop), and it travels with the state dict so
-    that a resumed run continues both schedules exactly. Another loop must set it itself."""
+    far, which `after_step` sets (the training task's hook: pipeline/engine/task.py); it travels
+    with the state dict, so that a resumed run continues both schedules exactly."""
     step: Tensor  # () long
 
     def __init__(self, cfg: DVAEConfig) -> None:
@@ -169,6 +171,9 @@ class DiscreteVAE(nn.Module):
             raise ValueError(f"recon must be 'logit_laplace' or 'mse', got {cfg.recon!r}")
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def after_step(self, step: int) -> None:
+        self.step.fill_(step)
 
     @property
     def tokens_per_side(self) -> int:

@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.engine.task import Task
 from pipeline.models.categorical import codebook_usage, cosine_schedule, gumbel_softmax, kl_to_uniform
-from pipeline.models.vae import Decoder, conv_block, psnr, reconstruction_nll, valid_mean
+from pipeline.models.reduction import valid_mean
+from pipeline.models.vae import Decoder, conv_block, psnr, reconstruction_nll
 
 
 @dataclass
@@ -64,10 +66,10 @@ class LogitEncoder(nn.Module):
         return self.head(self.features(x).flatten(1)).view(-1, *self.shape)  # (B, K, N)
 
 
-class GumbelVAE(nn.Module):
+class GumbelVAE(Task):
     """The Gumbel-softmax VAE. The temperature schedule reads the buffer `step`, the optimizer steps
-    taken so far: the training loop keeps it (pipeline.engine.loop), and it travels with the state
-    dict so that a resumed run continues the schedule. Another loop must set it itself."""
+    taken so far, which `after_step` sets (the training task's hook: pipeline/engine/task.py); it
+    travels with the state dict, so that a resumed run continues the schedule."""
     step: Tensor  # () long
 
     def __init__(self, cfg: GumbelVAEConfig) -> None:
@@ -78,6 +80,9 @@ class GumbelVAE(nn.Module):
         self.encoder = LogitEncoder(cfg)
         self.decoder = Decoder(cfg.image_size, cfg.channels, cfg.channel_mult, cfg.categories * cfg.latent_variables)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def after_step(self, step: int) -> None:
+        self.step.fill_(step)
 
     def temperature(self) -> float:
         """tau at the current step."""

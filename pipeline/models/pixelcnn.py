@@ -24,7 +24,12 @@ shifted one step along raster order so that the causal mask leaves position p on
 attention output joins the horizontal stack and the skips.
 
 In training each caption becomes all padding with probability caption_dropout, for classifier-free
-guidance at sampling time.
+guidance at sampling time (guidance.py).
+
+Sampling runs in raster order through `PixelCNNSampler` (pixelcnn_sampling.py), which computes each layer
+once per position (the horizontal stack, attention) or once per row (the vertical stack) from cached
+values, so that a position costs the same on any grid (attention aside, whose keys grow by one per
+position); its logits are those of the full network up to rounding.
 """
 from __future__ import annotations
 
@@ -35,9 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.dalle import Generators, sample_logits
+from pipeline.models.autoregressive import Generators, sample_logits
+from pipeline.models.guidance import drop_captions, guide, with_null_captions
+from pipeline.models.pixelcnn_sampling import PixelCNNSampler
+from pipeline.models.reduction import valid_mean
 from pipeline.models.text import TextEncoder, TextEncoderConfig
-from pipeline.models.vae import valid_mean
 
 
 @dataclass
@@ -68,16 +75,33 @@ class MaskedConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
 
+    def unpadded(self, x: Tensor) -> Tensor:
+        """The convolution of an input that holds its own padding: (B, C_in, h, w) -> (B, C_out, h - kh + 1,
+        w - kw + 1), e.g. one output row from the kh input rows around it."""
+        return F.conv2d(x, self.weight * self.mask, self.bias)
+
+    def at(self, window: Tensor) -> Tensor:
+        """The output at one position from its input window (B, C_in, kh, kw) -> (B, C_out), as the matrix
+        product it is: on CPU a fraction of the cost of a convolution call."""
+        return F.linear(window.flatten(1), (self.weight * self.mask).flatten(1), self.bias)
+
+
+def pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 convolution of x (B, C_in, h, w), or of values at single positions x (B, C_in) -> (B, C_out) as
+    the matrix product it is: on CPU a fraction of the cost of a convolution call."""
+    return conv(x) if x.dim() == 4 else F.linear(x, conv.weight.flatten(1), conv.bias)
+
 
 def gate(x: Tensor) -> Tensor:
-    """(B, 2C, h, w) -> tanh(first half) * sigmoid(second half), (B, C, h, w)."""
+    """(B, 2C, ...) -> tanh(first half) * sigmoid(second half), (B, C, ...)."""
     f, g = x.chunk(2, 1)
     return torch.tanh(f) * torch.sigmoid(g)
 
 
 class GatedLayer(nn.Module):
     """One layer of both stacks: (v, h, bias) -> (v', h', skip), all (B, C, grid, grid) but the bias
-    (B, 2C, grid, grid), the conditioning V h shared by the two stacks' gates."""
+    (B, 2C, grid, grid), the conditioning V h shared by the two stacks' gates. `vertical_row` and
+    `horizontal_at` compute the same one row or one position at a time, for sampling."""
 
     def __init__(self, channels: int, kernel_size: int, mask_type: str) -> None:
         super().__init__()
@@ -97,9 +121,29 @@ class GatedLayer(nn.Module):
         v_pre = self.vertical(v)  # (B, 2C, g, g): rows <= i
         # Down one row, row i holds rows < i only, so the horizontal stack may see all of it.
         v_shifted = F.pad(v_pre, (0, 0, 1, 0))[:, :, :-1]  # (B, 2C, g, g)
-        h_gated = gate(self.horizontal(h) + self.vertical_to_horizontal(v_shifted) + bias)  # (B, C, g, g)
-        h_out = self.horizontal_out(h_gated)
-        return gate(v_pre + bias), (h + h_out) if self.residual else h_out, self.skip(h_gated)
+        h, skip = self._horizontal_gate(h, self.horizontal(h), self.vertical_to_horizontal(v_shifted), bias)
+        return gate(v_pre + bias), h, skip
+
+    def _horizontal_gate(self, h: Tensor, h_pre: Tensor, v_to_h: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        """The horizontal stack's (h', skip), (B, C, ...) each, from its input h (B, C, ...), its masked
+        convolution h_pre, the shifted vertical stack's part v_to_h and the bias (B, 2C, ...)."""
+        h_gated = gate(h_pre + v_to_h + bias)  # (B, C, ...)
+        h_out = pointwise(self.horizontal_out, h_gated)
+        return (h + h_out) if self.residual else h_out, pointwise(self.skip, h_gated)
+
+    def vertical_row(self, v: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        """Row i of the vertical stack from v (B, C, k, g + k - 1), its input's rows i - k//2 .. i + k//2 with
+        k//2 columns of padding each side (the rows below i are masked: any finite values do), and the
+        row's bias (B, 2C, 1, g) -> its output v' (B, C, 1, g) and, for row i + 1 of the horizontal stack,
+        vertical_to_horizontal of its pre-activations (B, 2C, 1, g)."""
+        v_pre = self.vertical.unpadded(v)  # (B, 2C, 1, g)
+        return gate(v_pre + bias), self.vertical_to_horizontal(v_pre)
+
+    def horizontal_at(self, h: Tensor, v_to_h: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        """Position (i, j) of the horizontal stack from h (B, C, 1, k), its input at (i, j - k//2 .. j + k//2)
+        (right of j masked, and j itself by mask 'A': any finite values do), v_to_h from `vertical_row`
+        of row i - 1 at column j and the bias, (B, 2C) each -> (h', skip), (B, C) each."""
+        return self._horizontal_gate(h[:, :, 0, h.shape[3] // 2], self.horizontal.at(h), v_to_h, bias)
 
 
 class CausalAttention(nn.Module):
@@ -121,11 +165,28 @@ class CausalAttention(nn.Module):
         # x at p is code p itself: one step behind, memory row p holds position p - 1 (row 0 zeros,
         # a key every query may attend to), and the causal mask (j <= p) leaves positions < p only.
         memory = F.pad(memory, (0, 0, 1, 0))[:, :-1]
-        k, v = self.key_value(self.norm_memory(memory)).chunk(2, 2)  # (B, T, C) each
-        q = self.query(self.norm_query(h_seq))
-        q, k, v = (t.view(B, H * W, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, H * W, C)
-        return self.proj(y).transpose(1, 2).view(B, C, H, W)
+        y = self.attend(self.queries(h_seq), *self.keys_values(memory), causal=True)  # (B, T, C)
+        return y.transpose(1, 2).view(B, C, H, W)
+
+    def _split_heads(self, t: Tensor) -> Tensor:
+        B, n, C = t.shape
+        return t.view(B, n, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, n, hs)
+
+    def queries(self, h_seq: Tensor) -> Tensor:
+        """The horizontal stack (B, n, C) -> queries (B, nh, n, hs)."""
+        return self._split_heads(self.query(self.norm_query(h_seq)))
+
+    def keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Memory rows [h, x] (B, n, 2C) -> keys and values (B, nh, n, hs) each."""
+        k, v = self.key_value(self.norm_memory(memory)).chunk(2, 2)  # (B, n, C) each
+        return self._split_heads(k), self._split_heads(v)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+        """Queries (B, nh, n, hs) over keys and values (B, nh, t, hs) -> the output (B, n, C); causal: query
+        i sees keys <= i (n = t), else every key."""
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, nh, n, hs)
+        B, nh, n, hs = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, n, nh * hs))
 
 
 class PixelCNN(nn.Module):
@@ -154,21 +215,29 @@ class PixelCNN(nn.Module):
             for i in range(cfg.attention_every - 1, cfg.layers, cfg.attention_every)} if cfg.attention else {})
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 1), nn.ReLU(), nn.Conv2d(c, cfg.codebook_size, 1))
 
-    def _logits(self, codes: Tensor, y: Tensor, condition: Tensor | None) -> Tensor:
-        """Codes (B, g, g), caption embeddings (B, W), condition codes (B, cg^2) or None -> (B, K, g, g)."""
+    def biases(self, y: Tensor, condition: Tensor | None, size: tuple[int, int]) -> list[Tensor]:
+        """Each layer's conditioning V h on a grid of `size` from caption embeddings y (B, W) and condition
+        codes (B, cg^2) or None: (B, 2C, 1, 1) from the caption, plus with a condition its per-position
+        part, (B, 2C, g, g)."""
         if (condition is not None) != self.conditioned:
             raise ValueError(f"pass condition exactly when condition_grid > 0 (it is {self.cfg.condition_grid})")
-        x = self.embedding(codes).permute(0, 3, 1, 2)  # (B, C, g, g)
         s = None
         if condition is not None:
             cg = self.cfg.condition_grid
             s = self.condition_embedding(condition.reshape(-1, cg, cg)).permute(0, 3, 1, 2)  # (B, C, cg, cg)
-            s = F.interpolate(s, size=codes.shape[1:], mode="nearest")  # (B, C, g, g)
+            s = F.interpolate(s, size=size, mode="nearest")  # (B, C, g, g)
+        biases = []
+        for i, text_bias in enumerate(self.text_bias):
+            bias = text_bias(y)[:, :, None, None]  # (B, 2C, 1, 1)
+            biases.append(bias if s is None else bias + self.condition_bias[i](s))
+        return biases
+
+    def _logits(self, codes: Tensor, y: Tensor, condition: Tensor | None) -> Tensor:
+        """Codes (B, g, g), caption embeddings (B, W), condition codes (B, cg^2) or None -> (B, K, g, g)."""
+        biases = self.biases(y, condition, codes.shape[1:])
+        x = self.embedding(codes).permute(0, 3, 1, 2)  # (B, C, g, g)
         v, h, skips = x, x, 0
-        for i, layer in enumerate(self.layers):
-            bias = self.text_bias[i](y)[:, :, None, None]  # (B, 2C, 1, 1)
-            if s is not None:
-                bias = bias + self.condition_bias[i](s)  # (B, 2C, g, g)
+        for i, (layer, bias) in enumerate(zip(self.layers, biases)):
             v, h, skip = layer(v, h, bias)
             skips = skips + skip
             if str(i) in self.attention:
@@ -188,9 +257,8 @@ class PixelCNN(nn.Module):
         nats; `bits_per_code` the same in bits, detached."""
         codes, text = batch["image_tokens"], batch["text_tokens"]  # (B, T), (B, L)
         valid = batch.get("valid", torch.ones(text.shape[0], dtype=torch.bool, device=text.device))  # (B,)
-        if self.training and self.cfg.caption_dropout > 0:
-            drop = torch.rand(text.shape[0], device=text.device) < self.cfg.caption_dropout  # (B,)
-            text = text.masked_fill(drop[:, None], 0)
+        if self.training:
+            text = drop_captions(text, self.cfg.caption_dropout)
         grid = self.cfg.grid
         codes = codes.view(-1, grid, grid)
         logits = self.logits(codes, text, batch.get("condition_tokens"))  # (B, K, g, g)
@@ -202,22 +270,20 @@ class PixelCNN(nn.Module):
     def generate(self, text: Tensor, condition: Tensor | None = None, temperature: float = 1.0,
                  top_k: int | None = None, guidance_scale: float = 1.0,
                  generator: Generators = None) -> Tensor:
-        """Captions (B, L) -> codes (B, grid^2), sampled in raster order, the whole net recomputed per
-        position (see dalle.sample_logits for temperature, top_k and generator). guidance_scale != 1 is
-        classifier-free guidance: logits = uncond + guidance_scale * (cond - uncond), uncond from an
+        """Captions (B, L) -> codes (B, grid^2), sampled in raster order through a PixelCNNSampler (see
+        dalle.sample_logits for temperature, top_k and generator). guidance_scale != 1 is classifier-free
+        guidance (see guidance.py): logits = uncond + guidance_scale * (cond - uncond), uncond from an
         all-padding caption."""
         guided = guidance_scale != 1
-        B, grid = text.shape[0], self.cfg.grid
         if guided:
-            text = torch.cat([text, torch.zeros_like(text)])  # (2B, L)
-            condition = None if condition is None else torch.cat([condition, condition])
-        y = self.text(text)  # (B or 2B, W)
-        codes = torch.zeros(B, grid, grid, dtype=torch.long, device=text.device)
-        for p in range(grid * grid):
-            i, j = divmod(p, grid)
-            logits = self._logits(codes.repeat(2, 1, 1) if guided else codes, y, condition)[:, :, i, j].float()
+            text = with_null_captions(text)  # (2B, L)
+            condition = None if condition is None else condition.repeat(2, 1)
+        sampler = PixelCNNSampler(self, text, condition)
+        codes: list[Tensor] = []
+        for _ in range(self.cfg.grid ** 2):
+            logits = sampler.logits().float()  # (B or 2B, K)
             if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + guidance_scale * (cond - uncond)  # (B, K)
-            codes[:, i, j] = sample_logits(logits, temperature, top_k, generator=generator)
-        return codes.flatten(1)
+                logits = guide(*logits.chunk(2), guidance_scale)  # (B, K)
+            codes.append(sample_logits(logits, temperature, top_k, generator=generator))  # (B,)
+            sampler.commit(codes[-1].repeat(2) if guided else codes[-1])
+        return torch.stack(codes, 1)

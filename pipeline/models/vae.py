@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from pipeline.models.reduction import valid_mean
+
 
 @dataclass
 class VAEConfig:
@@ -67,11 +69,6 @@ def reconstruction_nll(x: Tensor, x_hat: Tensor, kind: str, sigma: float) -> Ten
     if kind == "laplace":
         return ((x - x_hat).abs() / sigma).flatten(1).sum(1)
     raise ValueError(f"recon must be 'gaussian' or 'laplace', got {kind!r}")
-
-
-def valid_mean(values: Tensor, valid: Tensor) -> Tensor:
-    """Mean of per-sample `values` (B,) over samples whose `valid` is True; 0 when none is."""
-    return torch.where(valid, values, 0).sum() / valid.sum().clamp(min=1)
 
 
 @torch.no_grad()

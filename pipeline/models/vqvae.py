@@ -23,7 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from pipeline.models.vae import psnr, valid_mean
+from pipeline.models.reduction import valid_mean
+from pipeline.models.vae import psnr
 from pipeline.models.vq import VectorQuantizer
 
 IMAGE_CHANNELS = 3

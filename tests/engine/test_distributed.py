@@ -17,7 +17,7 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
 
 def _optimizer_steps(checkpoint, backend: str) -> int:
     if backend == "accelerate":
-        state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+        state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["phases"]["train"]["optimizer"]["state"]
         return int(state[0]["step"])
     # DeepSpeed's own file; it is not ours to load with weights_only
     model_states = torch.load(checkpoint / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)
@@ -52,3 +52,27 @@ def test_a_dead_rank_fails_the_run_within_the_collective_timeout(shapes_shards, 
     assert result.returncode != 0
     assert time.monotonic() - start < 120  # bounded: not a hang
     assert "timed out" in (result.stdout + result.stderr).lower() or "timeout" in (result.stdout + result.stderr).lower()
+
+
+def _one_process(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "stage", "tests.engine.toy_stage", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("backend,extra", [("accelerate", {}), ("deepspeed", {"engine.zero_stage": 2})])
+def test_a_run_moved_from_two_ranks_to_one_resumes_or_says_why_not(shapes_shards, tmp_path, backend, extra):
+    out = tmp_path / backend
+    common = {"engine.backend": backend, **extra, "trainer.max_steps": 6, "data.batch_size": 4}
+    stopped = _torchrun(toy_overrides(shapes_shards, out, **common, **{"model.signal_at_call": 3}))
+    assert stopped.returncode != 0 and step_of(latest(out / "checkpoints")) == 3, stopped.stdout[-3000:]
+    moved = _one_process(toy_overrides(shapes_shards, out, **common))
+    if backend == "deepspeed":  # ZeRO splits the optimizer state per rank: refused, nothing lost
+        assert moved.returncode == 2, moved.stdout[-3000:] + moved.stderr[-3000:]
+        assert "was written by 2 ranks with ZeRO stage 2" in moved.stderr and "resume it with 2 ranks" in moved.stderr
+        assert step_of(latest(out / "checkpoints")) == 3
+        return
+    assert moved.returncode == 0, moved.stdout[-3000:] + moved.stderr[-3000:]
+    assert "(step 3); world size 2 -> 1" in moved.stdout
+    assert "re-planned the rest of epoch 0 for world_size 2 -> 1" in moved.stderr
+    state = torch.load(latest(out / "checkpoints") / "rank-0.pt", weights_only=True)
+    assert state["step"] == 6 and not (latest(out / "checkpoints") / "rank-1.pt").exists()

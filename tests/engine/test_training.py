@@ -13,7 +13,10 @@ from torch import nn
 
 from pipeline.config import load_config
 from pipeline.engine.checkpoint import latest, step_of
-from pipeline.engine.loop import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, train
+from pipeline.engine.loop import train
+from pipeline.engine.task import Task
+from pipeline.markers import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
+from pipeline.runs import run_stage
 from tests.engine import toy_stage
 from tests.engine.conftest import toy_overrides
 
@@ -31,7 +34,7 @@ def _weights(out: Path) -> dict:
 
 def test_a_finished_run_leaves_weights_config_images_and_metrics(shapes_shards, tmp_path):
     cfg = load_config(toy_stage.Config, None, toy_overrides(shapes_shards, tmp_path / "run", **{"trainer.max_steps": 6}))
-    assert toy_stage.run(cfg) == 0
+    assert run_stage(STAGE, cfg) == 0
     out = tmp_path / "run"
     assert set(_weights(out)) == {"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"}
     assert load_config(toy_stage.Config, out / "config.yaml") == cfg
@@ -65,20 +68,24 @@ def test_final_weights_are_the_ema_and_its_counters_follow_the_model(shapes_shar
     assert not torch.equal(final["net.1.weight"], live["net.1.weight"])  # an average of the steps' weights
 
 
-class _Scheduled(toy_stage.ToyModel):
-    """The toy model with a schedule's `step` buffer, recording the value each forward pass sees."""
+class _Scheduled(toy_stage.ToyModel, Task):
+    """The toy model with a schedule that follows the optimizer steps through `after_step`,
+    recording the step each forward pass sees."""
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.seen: list[int] = []
 
+    def after_step(self, step: int) -> None:
+        self.step.fill_(step)
+
     def forward(self, batch: dict) -> dict:
         self.seen.append(int(self.step))
         return super().forward(batch)
 
 
-def test_a_models_step_buffer_counts_optimizer_steps_not_forward_passes(shapes_shards, tmp_path):
+def test_after_step_counts_optimizer_steps_not_forward_passes(shapes_shards, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(toy_stage.Config, None, toy_overrides(shapes_shards, out, **{"trainer.max_steps": 3,
                                                                                     "engine.grad_accum": 2}))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pipeline.config import operational
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
 
@@ -20,10 +21,11 @@ class ToyModelConfig:
     width: int = 8
     nan_on_rank: int = -1  # this rank's loss is NaN at call `nan_at_call`
     nan_at_call: int = -1
-    signal_at_call: int = -1  # the model sends SIGUSR1 to its own process during this call
-    sleep_s: float = 0.0  # slows each step, so a test can kill the run between checkpoints
-    hang_on_rank: int = -1  # this rank stops responding at call `hang_at_call`, as a dead rank would
-    hang_at_call: int = -1
+    # Interruptions, which change when a run stops, not what it computes:
+    signal_at_call: int = operational(-1)  # the model sends SIGUSR1 to its own process during this call
+    sleep_s: float = operational(0.0)  # slows each step, so a test can kill the run between checkpoints
+    hang_on_rank: int = operational(-1)  # this rank stops responding at call `hang_at_call`, as a dead rank would
+    hang_at_call: int = operational(-1)
 
 
 @dataclass

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from pipeline.models import dalle
-from pipeline.models.dalle import (DALLE, PRESETS, DALLEConfig, attention_mask, flops_per_sample,
-                                   layer_attention)
+from pipeline.models.dalle import DALLE, PRESETS, DALLEConfig, attention_mask, flops_per_sample, layer_attention
 
 SMALL = dict(text_vocab_size=64, text_length=8, image_vocab_size=32, image_grid=4, width=32, depth=4, heads=4,
              conv_kernel=3, caption_dropout=0.0)
@@ -31,6 +30,20 @@ def test_cached_logits_equal_uncached(attention):
     cached = model.logits(batch["text_tokens"], batch["image_tokens"], use_cache=True)
     for a, b in zip(plain, cached):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_writes_into_its_buffers_and_refuses_to_overflow():
+    cache = dalle.KVCache(capacity=5)
+    parts = [torch.randn(2, 4, n, 8, generator=torch.Generator().manual_seed(n)) for n in (3, 1, 1)]
+    for step, part in enumerate(parts):
+        k, v = cache.append(part, -part)
+        assert len(cache) == k.shape[2] == 3 + step
+        assert k.data_ptr() == cache.keys.data_ptr() and v.data_ptr() == cache.values.data_ptr()  # views, no copy
+    assert cache.keys.shape == (2, 4, 5, 8)
+    assert torch.equal(k, torch.cat(parts, 2)) and torch.equal(v, -torch.cat(parts, 2))
+    with pytest.raises(ValueError, match="capacity 5 holds 5 positions: cannot append 1 more"):
+        cache.append(parts[-1], parts[-1])
+    assert len(cache) == 5
 
 
 @pytest.mark.parametrize("attention", ["dense", "sparse"])

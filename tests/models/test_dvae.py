@@ -1,4 +1,5 @@
 import math
+
 import pytest
 import torch
 from torch.distributions import Laplace, SigmoidTransform, TransformedDistribution

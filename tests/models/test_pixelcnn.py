@@ -4,7 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.models import pixelcnn
+from pipeline.models.autoregressive import sample_logits
 from pipeline.models.pixelcnn import PixelCNN, PixelCNNConfig
+from pipeline.models.pixelcnn_sampling import PixelCNNSampler
 from pipeline.models.text import TextEncoderConfig
 
 GRID, CODES, T = 4, 16, 16
@@ -163,3 +166,82 @@ def test_greedy_generation_picks_the_argmax_in_raster_order(guidance_scale):
     cond, uncond = model.logits(grid, text), model.logits(grid, torch.zeros_like(text))
     guided = uncond + guidance_scale * (cond - uncond)  # (B, K, g, g)
     assert torch.equal(guided.argmax(1).flatten(1), codes)
+
+
+# The sampler's configurations: attention after the last layer (every 2 of 4) and before it (every 3 of 4),
+# with a spatial condition, kernel sizes 3 and 5, on grids of 4 and 5.
+SAMPLED = [{}, {"kernel_size": 5}, CONDITIONED, {"attention": True, "attention_every": 2},
+           {**CONDITIONED, "attention": True, "attention_every": 3, "kernel_size": 5, "grid": 5}]
+
+
+def _inputs(model: PixelCNN, n: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Captions (n, 8) and, when the model is conditioned, condition codes (n, cg^2)."""
+    batch = _batch(n, seed, conditioned=model.conditioned)
+    return batch["text_tokens"], batch.get("condition_tokens")
+
+
+@pytest.mark.parametrize("overrides", SAMPLED)
+def test_the_sampler_gives_the_full_networks_logits_at_every_position(overrides):
+    """Teacher-forced with random codes: at each position the incremental logits equal those of the whole
+    network run on the final grid, which at p depend on the codes before p only."""
+    model = _model(**overrides)
+    text, condition = _inputs(model)
+    grid = model.cfg.grid
+    codes = torch.randint(0, CODES, (3, grid * grid), generator=torch.Generator().manual_seed(2))
+    full = model.logits(codes.view(3, grid, grid), text, condition).flatten(2)  # (B, K, T)
+    sampler = PixelCNNSampler(model, text, condition)
+    for p in range(grid * grid):
+        torch.testing.assert_close(sampler.logits(), full[:, :, p], atol=1e-5, rtol=0, msg=f"position {p}")
+        sampler.commit(codes[:, p])
+
+
+@pytest.mark.parametrize("overrides", [{}, SAMPLED[-1]])
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_generate_samples_from_the_full_networks_logits(overrides, guidance_scale, monkeypatch):
+    """The logits generate samples from, guided or not, equal the full network's given the sampled codes."""
+    model = _model(**overrides)
+    text, condition = _inputs(model)
+    seen = []
+
+    def recording(logits, *args, **kwargs):
+        seen.append(logits)
+        return sample_logits(logits, *args, **kwargs)
+
+    monkeypatch.setattr(pixelcnn, "sample_logits", recording)
+    codes = model.generate(text, condition, temperature=0.9, guidance_scale=guidance_scale,
+                           generator=torch.Generator().manual_seed(3))
+    grid = codes.view(3, model.cfg.grid, model.cfg.grid)
+    cond, uncond = model.logits(grid, text, condition), model.logits(grid, torch.zeros_like(text), condition)
+    full = (uncond + guidance_scale * (cond - uncond)).flatten(2)  # (B, K, T)
+    assert len(seen) == codes.shape[1]
+    for p, logits in enumerate(seen):
+        torch.testing.assert_close(logits, full[:, :, p], atol=1e-5, rtol=1e-5, msg=f"position {p}")
+
+
+def _naive_generate(model: PixelCNN, text, condition, guidance_scale, **sampling) -> torch.Tensor:
+    """The sampler before the incremental one: the whole network recomputed for every position."""
+    grid = model.cfg.grid
+    codes = torch.zeros(text.shape[0], grid, grid, dtype=torch.long)
+    for p in range(grid * grid):
+        i, j = divmod(p, grid)
+        logits = model.logits(codes, text, condition)[:, :, i, j]
+        if guidance_scale != 1:
+            uncond = model.logits(codes, torch.zeros_like(text), condition)[:, :, i, j]
+            logits = uncond + guidance_scale * (logits - uncond)
+        codes[:, i, j] = sample_logits(logits, **sampling)
+    return codes.flatten(1)
+
+
+@pytest.mark.parametrize("overrides", [{}, SAMPLED[-1]])
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_generate_draws_the_codes_of_the_naive_loop(overrides, guidance_scale):
+    """Greedy, and sampled with one generator per row: the same codes as recomputing the whole network."""
+    model = _model(**overrides)
+    text, condition = _inputs(model)
+    greedy = model.generate(text, condition, top_k=1, guidance_scale=guidance_scale)
+    assert torch.equal(greedy, _naive_generate(model, text, condition, guidance_scale, top_k=1))
+    generators = lambda: [torch.Generator().manual_seed(10 + row) for row in range(3)]
+    sampled = model.generate(text, condition, temperature=0.8, top_k=6, guidance_scale=guidance_scale,
+                             generator=generators())
+    naive = _naive_generate(model, text, condition, guidance_scale, temperature=0.8, top_k=6, generator=generators())
+    assert torch.equal(sampled, naive) and not torch.equal(sampled, greedy)

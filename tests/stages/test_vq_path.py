@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from stages import gumbel_vae, load_trained, pixelcnn, pretokenize, sample, vqvae, vqvae2
+from pipeline.runs import load_run, run_stage
+from stages import gumbel_vae, pixelcnn, pretokenize, sample, vqvae, vqvae2
 from stages.shards import ShardsConfig, build
 
 SMALL = ["data.num_workers=0", "data.batch_size=8", "trainer.max_steps=2", "trainer.log_every=1"]
@@ -20,7 +21,7 @@ def vq_path(tmp_path_factory):
     for module, name in ((vqvae, "vqvae"), (vqvae2, "vqvae2")):
         cfg = load_config(module.Config, f"configs/{name}/tiny.yaml",
                           [f"data.shards={root / 'shapes'}", f"trainer.out_dir={root / name}", *SMALL])
-        assert module.run(cfg) == 0
+        assert run_stage(name, cfg) == 0
         tokens = load_config(pretokenize.Config, "configs/pretokenize/shapes.yaml",
                              [f"shards={root / 'shapes'}", f"autoencoder={root / name}", f"autoencoder_stage={name}",
                               f"out_dir={root / (name + '-tokens')}", "num_workers=0"])
@@ -30,7 +31,7 @@ def vq_path(tmp_path_factory):
         cfg = load_config(pixelcnn.Config, f"configs/pixelcnn/{config}.yaml",
                           [f"data.shards={root / (autoencoder + '-tokens')}", f"autoencoder={root / autoencoder}",
                            f"trainer.out_dir={root / name}", *SMALL])
-        assert pixelcnn.run(cfg) == 0
+        assert run_stage("pixelcnn", cfg) == 0
     return root
 
 
@@ -50,7 +51,7 @@ def test_vq_token_shards_hold_one_or_two_code_grids(vq_path):
     two = json.loads((vq_path / "vqvae2-tokens" / "manifest.json").read_text())
     assert (one["code_grids"], one["autoencoder_stage"]) == ([8], "vqvae")
     assert (two["code_grids"], two["autoencoder_stage"]) == ([8, 16], "vqvae2")
-    model, _, _ = load_trained(vq_path / "vqvae2", "vqvae2")
+    model = load_run(vq_path / "vqvae2").model
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     top, bottom = pretokenize.split_codes(pretokenize.encode(model, images), two["code_grids"])
     assert torch.equal(top, model.encode(images)[0]) and torch.equal(bottom, model.encode(images)[1])

@@ -1,0 +1,83 @@
+"""A stage's run folder: its resolved config, written once by the process that runs the stage, and
+the one loader of a trained model from a finished run or from one of its checkpoints.
+
+`OUT/config.yaml` opens with `# t2i stage NAME`, so a run folder says which stage made it."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+from torch import nn
+
+from pipeline.config import dump_config, load_config
+from pipeline.registry import load_stage, output_dir
+
+CONFIG_FILE = "config.yaml"
+_HEADER = re.compile(r"^# t2i stage ([^\s:]+)")
+
+
+def run_stage(stage: str, cfg: Any) -> int:
+    """Runs stage `stage` with its resolved config: rank 0 writes OUT/config.yaml (the only writer
+    of it), then the stage's `run`. Returns the stage's exit code."""
+    module = load_stage(stage)
+    if int(os.environ.get("RANK", 0)) == 0:
+        dump_config(cfg, Path(output_dir(module, cfg)) / CONFIG_FILE,
+                    comment=f"t2i stage {stage}: the fully resolved config of this run")
+    return module.run(cfg) or 0
+
+
+def run_stage_name(run_dir: str | Path) -> str | None:
+    """The stage recorded in a run folder's config.yaml, or None when it has none."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    with open(path) as handle:
+        match = _HEADER.match(handle.readline())
+    return match.group(1) if match else None
+
+
+@dataclass
+class TrainedRun:
+    model: nn.Module  # in eval mode, on the CPU
+    cfg: Any  # the run's resolved config
+    stage: str
+    folder: Path  # the run folder (for a checkpoint: the run it belongs to)
+    weights_sha256: str  # of the weights file the model was loaded from
+
+
+def load_run(path: str | Path, stage: str | None = None) -> TrainedRun:
+    """The model of a finished training run (`RUN/final/model.safetensors`) or of one of its
+    checkpoints (`RUN/checkpoints/step-N`), built by its stage from the run's config.yaml. The
+    stage comes from config.yaml's header; `stage`, when given, must agree (runs written before
+    the header existed need it)."""
+    path = Path(path)
+    weights, run = path / "final" / "model.safetensors", path
+    if not weights.exists() and (path / "model.safetensors").exists():  # a checkpoint folder
+        weights, run = path / "model.safetensors", path.parent.parent
+    if not weights.exists():
+        raise FileNotFoundError(f"{path}: no trained model (expected {path / 'final' / 'model.safetensors'} "
+                                "or a checkpoint folder holding model.safetensors)")
+    recorded = run_stage_name(run)
+    if stage and recorded and stage != recorded:
+        raise ValueError(f"{run} was trained by stage {recorded!r}, not {stage!r}")
+    stage = stage or recorded
+    if not stage:
+        raise ValueError(f"{run / CONFIG_FILE} does not say which stage trained it: name the stage")
+    module = load_stage(stage)
+    cfg = load_config(module.Config, run / CONFIG_FILE)
+    model = module.build_model(cfg)
+    model.load_state_dict(safetensors.torch.load_file(weights))
+    return TrainedRun(model.eval(), cfg, stage, run, sha256_of(weights))
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
