@@ -57,15 +57,22 @@ def _train(args: argparse.Namespace) -> int:
     return subprocess.call(stage_command(args.stage, args.config, args.overrides, cfg))
 
 
+def _check_from(args: argparse.Namespace) -> None:
+    if args.discard and not args.from_stage:
+        raise ValueError("--discard deletes the folders of the stages --from STAGE starts again: give --from too")
+
+
 def _run(args: argparse.Namespace) -> int:
     from pipeline.launch.local import run_pipeline
 
+    _check_from(args)
     return run_pipeline(args.pipeline, from_stage=args.from_stage, jobs=args.jobs, discard=args.discard)
 
 
 def _submit(args: argparse.Namespace) -> int:
     from pipeline.launch.slurm import submit
 
+    _check_from(args)
     return submit(args.pipeline, dry_run=args.dry_run, from_stage=args.from_stage, discard=args.discard)
 
 
@@ -82,14 +89,10 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from stages import sample
+    from pipeline.registry import load_stage
 
-    values = {"run": args.run, "prior": args.prior, "top_run": args.top_run or "", "captions": args.captions, "out_dir": args.out, "temperature": args.temperature,
-              "top_k": args.top_k, "top_p": args.top_p, "guidance_scale": args.guidance, "seed": args.seed,
-              "batch_size": args.batch_size, "images_per_caption": args.images_per_caption,
-              "clip_checkpoint": args.clip or "", "clip_model": args.clip_model, "candidates": args.candidates,
-              "score": args.score, "device": args.device}
-    return sample.run(load_config(sample.Config, None, base=values))
+    given = {"run": args.run, "captions": args.captions, "out_dir": args.out}
+    return run_stage("sample", load_config(load_stage("sample").Config, args.config, args.overrides, base=given))
 
 
 def _describe(args: argparse.Namespace) -> int:
@@ -175,25 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("run", help="the run folder, e.g. runs/demo")
     cancel.set_defaults(handler=_cancel)
 
-    sample = commands.add_parser("sample", help="images from captions with a trained prior (DALL-E or PixelCNN)")
-    sample.add_argument("run", help="a prior's run folder, or one of its checkpoints/step-N folders")
-    sample.add_argument("--prior", default="dalle", choices=["dalle", "pixelcnn"], help="the stage that trained run")
-    sample.add_argument("--top-run", help="VQ-VAE-2: run is the bottom pixelcnn, this the top one (sampled first)")
+    sample = commands.add_parser(
+        "sample", help="images from captions with a trained generative stage (dalle, pixelcnn)",
+        description="KEY=VALUE overrides set any key of stages/sample.py's Config: shared ones (images_per_caption=8 "
+                    "seed=1 batch_size=16 clip_checkpoint=PATH candidates=4 device=cpu) and the family's sampling "
+                    "options in its section (dalle.top_k=32 dalle.guidance_scale=2, pixelcnn.top_run=RUN).")
+    sample.add_argument("run", help="a run folder of a generative stage, or one of its checkpoints/step-N folders")
     sample.add_argument("--captions", required=True, help="a text file (one caption a line), one caption, "
                                                           "or heldout:N for N held-out shapes captions")
     sample.add_argument("--out", required=True, help="output folder")
-    sample.add_argument("--temperature", type=float, default=1.0)
-    sample.add_argument("--top-k", type=int)
-    sample.add_argument("--top-p", type=float)
-    sample.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--batch-size", type=int, default=16)
-    sample.add_argument("--images-per-caption", type=int, default=4)
-    sample.add_argument("--clip", help="re-rank with this local open_clip checkpoint")
-    sample.add_argument("--clip-model", default="ViT-B-32")
-    sample.add_argument("--candidates", type=int, default=4, help="with --clip: samples drawn per image kept")
-    sample.add_argument("--score", action="store_true", help="score shapes captions with the oracle")
-    sample.add_argument("--device", default="", help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    sample.add_argument("-c", "--config", help="a YAML sample config")
+    sample.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     sample.set_defaults(handler=_sample)
 
     describe = commands.add_parser("describe", help="a training stage's parameters, FLOPs and memory per GPU")

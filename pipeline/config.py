@@ -255,6 +255,9 @@ class _Resolver:
         for name in raw:
             if name not in fields:
                 close = difflib.get_close_matches(str(name), list(fields), n=1)
+                # else a field of that name one section down: `top_k` for the sample stage's `dalle.top_k`
+                close = close or [f"{section}.{name}" for section in fields if dataclasses.is_dataclass(hints[section])
+                                  and name in {inner.name for inner in _init_fields(hints[section])}][:1]
                 hint = f" (did you mean '{_dotted((*key, close[0]))}'?)" if close else ""
                 raise ConfigError(f"{self.source((*key, name))}: unknown key '{_dotted((*key, name))}'{hint}")
         kwargs = {}

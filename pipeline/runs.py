@@ -41,6 +41,12 @@ def run_stage_name(run_dir: str | Path) -> str | None:
     return match.group(1) if match else None
 
 
+def stage_of(path: str | Path) -> str | None:
+    """The stage recorded for a run folder or one of its checkpoint folders (RUN/checkpoints/step-N)."""
+    path = Path(path)
+    return run_stage_name(path.parent.parent if path.parent.name == "checkpoints" else path)
+
+
 @dataclass
 class TrainedRun:
     model: nn.Module  # in eval mode, on the CPU

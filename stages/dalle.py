@@ -11,6 +11,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from pipeline.data.precomputed import require
 from pipeline.data.shapes import heldout_captions
 from pipeline.data.text import make_tokenizer, vocab_size
 from pipeline.engine.config import TrainConfig
@@ -18,7 +19,7 @@ from pipeline.engine.loop import exit_code, train
 from pipeline.models.dalle import DALLE, DALLEConfig
 from pipeline.models.dalle import flops_per_sample as dalle_flops
 from pipeline.runs import load_run
-from stages.pretokenize import read_manifest
+from pipeline.sampling import AutoregressiveOptions, seeded_generators
 
 OUTPUT = "trainer.out_dir"
 
@@ -30,21 +31,22 @@ class Config(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.data.kind != "tokens":
-            raise ValueError("the prior trains from token shards: set data.kind to 'tokens' (pretokenize's output)")
+        if self.data.kind != "precomputed":
+            raise ValueError("the prior trains from token shards: set data.kind to 'precomputed' (pretokenize's output)")
         if not self.dvae:
             raise ValueError("dvae is required: the dvae run that made the token shards")
 
 
 def check_tokens(cfg: Config) -> dict:
     """The token shards' manifest, after checking it matches the dVAE and the model's shape."""
-    manifest = read_manifest(cfg.data.shards, cfg.dvae)
-    if len(manifest["code_grids"]) != 1:
-        raise ValueError(f"the prior models one code grid, but {cfg.dvae!r} makes {len(manifest['code_grids'])}")
-    expected = {"model.image_grid": (cfg.model.image_grid, manifest["code_grids"][0]),
-                "model.image_vocab_size": (cfg.model.image_vocab_size, manifest["codebook_size"]),
-                "model.text_length": (cfg.model.text_length, manifest["text_length"]),
-                "model.text_vocab_size": (cfg.model.text_vocab_size, vocab_size(manifest["tokenizer"]))}
+    manifest = require(cfg.data.shards, ("text_tokens", "image_tokens"), cfg.dvae)
+    info, producer = manifest["info"], manifest["producer"]
+    if len(info["code_grids"]) != 1:
+        raise ValueError(f"the prior models one code grid, but {cfg.dvae!r} makes {len(info['code_grids'])}")
+    expected = {"model.image_grid": (cfg.model.image_grid, info["code_grids"][0]),
+                "model.image_vocab_size": (cfg.model.image_vocab_size, info["codebook_size"]),
+                "model.text_length": (cfg.model.text_length, producer["text_length"]),
+                "model.text_vocab_size": (cfg.model.text_vocab_size, vocab_size(producer["tokenizer"]))}
     for key, (ours, theirs) in expected.items():
         if ours != theirs:
             raise ValueError(f"{key} is {ours} but the token shards have {theirs}")
@@ -71,16 +73,45 @@ def logits_per_sample(cfg: Config) -> int:
     return (m.text_length - 1) * (m.text_vocab_size + m.text_length) + m.image_grid ** 2 * m.image_vocab_size
 
 
+@dataclass
+class SamplerConfig(AutoregressiveOptions):
+    """`t2i sample` options for a DALL-E prior (the `dalle` section of the sample stage's config)."""
+
+    top_p: float | None = None  # then draw among the most likely codes holding this much probability
+
+    def validate(self) -> None:
+        super().validate()
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (or null: no limit), got {self.top_p}")
+
+
+class Sampler:
+    """Captions -> images: image tokens drawn one at a time through the prior's KV cache, decoded by
+    the dVAE that made the token shards (pipeline/sampling.py has the contract)."""
+
+    def __init__(self, prior: DALLE, cfg: Config, manifest: dict, options: SamplerConfig, device: torch.device) -> None:
+        producer = manifest["producer"]
+        self.prior, self.grid, self.options, self.device = prior.to(device).eval(), cfg.model.image_grid, options, device
+        self.decoder = load_run(cfg.dvae, producer["stage"]).model.to(device)
+        self.tokenize = make_tokenizer(producer["tokenizer"], producer["text_length"])
+
+    @classmethod
+    def from_run(cls, run: str, options: SamplerConfig, device: torch.device) -> Sampler:
+        trained = load_run(run, "dalle")
+        return cls(trained.model, trained.cfg, check_tokens(trained.cfg), options, device)
+
+    @torch.no_grad()
+    def sample(self, captions: list[str], seeds: list[int]) -> torch.Tensor:
+        o = self.options
+        tokens = self.prior.generate(self.tokenize(captions).to(self.device), temperature=o.temperature, top_k=o.top_k,
+                                     top_p=o.top_p, guidance_scale=o.guidance_scale, generator=seeded_generators(seeds))
+        return self.decoder.decode(tokens.view(-1, self.grid, self.grid))
+
+
 def draw_images(cfg: Config, manifest: dict, model: DALLE, batch: dict) -> dict[str, torch.Tensor]:
     """Samples for 8 held-out captions (one per column, two rows), decoded by the dVAE."""
-    dvae = load_run(cfg.dvae, manifest["autoencoder_stage"]).model
-    dvae.to(batch["image_tokens"].device)
-    captions = heldout_captions(8, 64)
-    text = make_tokenizer(manifest["tokenizer"], manifest["text_length"])(captions).to(batch["image_tokens"].device)
-    generator = torch.Generator(text.device).manual_seed(0)
-    grid = cfg.model.image_grid
-    tokens = torch.cat([model.generate(text, generator=generator, top_k=32) for _ in range(2)])
-    return {"samples": dvae.decode(tokens.view(-1, grid, grid))}
+    sampler = Sampler(model, cfg, manifest, SamplerConfig(top_k=32), batch["image_tokens"].device)
+    return {"samples": sampler.sample(heldout_captions(8) * 2, list(range(16)))}
 
 
 def run(cfg: Config) -> int:

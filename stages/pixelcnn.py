@@ -13,13 +13,14 @@ from functools import partial
 import torch
 from torch import nn
 
+from pipeline.data.precomputed import require, split_codes
 from pipeline.data.shapes import heldout_captions
 from pipeline.data.text import make_tokenizer, vocab_size
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
 from pipeline.models.pixelcnn import PixelCNN, PixelCNNConfig
 from pipeline.runs import load_run
-from stages.pretokenize import read_manifest
+from pipeline.sampling import AutoregressiveOptions, seeded_generators
 
 OUTPUT = "trainer.out_dir"
 LEVELS = ("single", "top", "bottom")
@@ -33,8 +34,8 @@ class Config(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.data.kind != "tokens":
-            raise ValueError("the prior trains from token shards: set data.kind to 'tokens' (pretokenize's output)")
+        if self.data.kind != "precomputed":
+            raise ValueError("the prior trains from token shards: set data.kind to 'precomputed' (pretokenize's output)")
         if not self.autoencoder:
             raise ValueError("autoencoder is required: the run that made the token shards")
         if self.level not in LEVELS:
@@ -63,22 +64,23 @@ class GridPrior(nn.Module):
 
 def check_tokens(cfg: Config) -> dict:
     """The token shards' manifest, after checking it matches the autoencoder and the model's shape."""
-    manifest = read_manifest(cfg.data.shards, cfg.autoencoder)
-    grids = manifest["code_grids"]
+    manifest = require(cfg.data.shards, ("text_tokens", "image_tokens"), cfg.autoencoder)
+    info, producer = manifest["info"], manifest["producer"]
+    grids = info["code_grids"]
     if (len(grids) == 1) != (cfg.level == "single"):
         raise ValueError(f"level is {cfg.level!r} but {cfg.autoencoder!r} makes {len(grids)} code grid(s)")
     grid = {"single": grids[0], "top": grids[0], "bottom": grids[-1]}[cfg.level]
-    expected = {"model.grid": (cfg.model.grid, grid), "model.codebook_size": (cfg.model.codebook_size, manifest["codebook_size"]),
-                "model.text.vocab_size": (cfg.model.text.vocab_size, vocab_size(manifest["tokenizer"]))}
+    expected = {"model.grid": (cfg.model.grid, grid), "model.codebook_size": (cfg.model.codebook_size, info["codebook_size"]),
+                "model.text.vocab_size": (cfg.model.text.vocab_size, vocab_size(producer["tokenizer"]))}
     if cfg.level == "bottom":
         expected |= {"model.condition_grid": (cfg.model.condition_grid, grids[0]),
-                     "model.condition_codebook_size": (cfg.model.condition_codebook_size, manifest["codebook_size"])}
+                     "model.condition_codebook_size": (cfg.model.condition_codebook_size, info["codebook_size"])}
     for key, (ours, theirs) in expected.items():
         if ours != theirs:
             raise ValueError(f"{key} is {ours} but the token shards have {theirs}")
-    if cfg.model.text.max_length < manifest["text_length"]:
+    if cfg.model.text.max_length < producer["text_length"]:
         raise ValueError(f"model.text.max_length is {cfg.model.text.max_length} but the captions have "
-                         f"{manifest['text_length']} tokens")
+                         f"{producer['text_length']} tokens")
     return manifest
 
 
@@ -86,15 +88,56 @@ def build_model(cfg: Config) -> nn.Module:
     return GridPrior(cfg)
 
 
+@dataclass
+class SamplerConfig(AutoregressiveOptions):
+    """`t2i sample` options for a PixelCNN prior (the `pixelcnn` section of the sample stage's config)."""
+
+    top_run: str = ""  # VQ-VAE-2: the run sampled is the bottom prior; this top-level prior is sampled first
+
+
+class Sampler:
+    """Captions -> images: codes drawn in raster order by the prior (for VQ-VAE-2, the top prior's
+    grid first, then the bottom prior's given it), decoded by the autoencoder that made the token
+    shards (pipeline/sampling.py has the contract)."""
+
+    def __init__(self, prior: GridPrior, cfg: Config, manifest: dict, options: SamplerConfig, device: torch.device,
+                 top: GridPrior | None = None) -> None:
+        producer = manifest["producer"]
+        self.priors = [p.to(device).eval() for p in (top, prior) if p is not None]  # in the order they are sampled
+        self.grids, self.options, self.device = manifest["info"]["code_grids"], options, device
+        self.decoder = load_run(cfg.autoencoder, producer["stage"]).model.to(device)
+        self.tokenize = make_tokenizer(producer["tokenizer"], producer["text_length"])
+
+    @classmethod
+    def from_run(cls, run: str, options: SamplerConfig, device: torch.device) -> Sampler:
+        trained = load_run(run, "pixelcnn")
+        manifest = check_tokens(trained.cfg)
+        if trained.cfg.level == "single":
+            return cls(trained.model, trained.cfg, manifest, options, device)
+        if trained.cfg.level != "bottom" or not options.top_run:
+            raise ValueError(f"{run}: a VQ-VAE-2 {trained.cfg.level} prior: sample with the bottom prior as run "
+                             "and the top prior as pixelcnn.top_run")
+        top = load_run(options.top_run, "pixelcnn")
+        if top.cfg.level != "top" or check_tokens(top.cfg)["producer"] != manifest["producer"]:
+            raise ValueError(f"pixelcnn.top_run={options.top_run!r} is not a top-level prior over the same VQ-VAE-2's "
+                             f"codes as {run!r}")
+        return cls(trained.model, trained.cfg, manifest, options, device, top.model)
+
+    @torch.no_grad()
+    def sample(self, captions: list[str], seeds: list[int]) -> torch.Tensor:
+        o, text = self.options, self.tokenize(captions).to(self.device)
+        generators, codes = seeded_generators(seeds), None  # one stream per image, through every level
+        for prior in self.priors:
+            level = prior.prior.generate(text, condition=codes, temperature=o.temperature, top_k=o.top_k,
+                                         guidance_scale=o.guidance_scale, generator=generators)  # (B, grid ** 2)
+            codes = level if codes is None else torch.cat([codes, level], 1)
+        return self.decoder.decode(*split_codes(codes, self.grids))
+
+
 def draw_images(cfg: Config, manifest: dict, model: GridPrior, batch: dict) -> dict[str, torch.Tensor]:
     """Samples for 8 held-out captions (one per column, two rows), decoded by the autoencoder."""
-    autoencoder = load_run(cfg.autoencoder, manifest["autoencoder_stage"]).model
-    device = batch["image_tokens"].device
-    text = make_tokenizer(manifest["tokenizer"], manifest["text_length"])(heldout_captions(8, 64)).to(device)
-    generator = torch.Generator(device).manual_seed(0)
-    codes = torch.cat([model.prior.generate(text, generator=generator, top_k=32) for _ in range(2)])
-    grid = cfg.model.grid
-    return {"samples": autoencoder.to(device).decode(codes.view(-1, grid, grid))}
+    sampler = Sampler(model, cfg, manifest, SamplerConfig(top_k=32), batch["image_tokens"].device)
+    return {"samples": sampler.sample(heldout_captions(8) * 2, list(range(16)))}
 
 
 def run(cfg: Config) -> int:

@@ -111,6 +111,7 @@ def test_raising_max_steps_continues_a_finished_stage_and_reruns_its_dependents(
     longer = _run(_pipeline(tmp_path, **{"trainer.max_steps": 8}))
     assert longer.returncode == 0, longer.stdout + longer.stderr
     assert _started(longer) == ["first", "second"]
+    assert "first: continues from its last checkpoint (trainer.max_steps 6 -> 8)" in longer.stdout
     assert f"resumed from {root / 'first' / 'checkpoints' / 'step-00000006'} (step 6)" in (root / "first" / "log.txt").read_text()
     assert _steps(root / "first") == list(range(1, 9)) and _checkpoints(root / "first") == [6, 8]
     assert json.loads((root / "first" / "final" / "metrics.json").read_text())["step"] == 8

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import operational
 from pipeline.data.plan import WorkerPlan, plan_epoch, steps_per_epoch, unread_spans
+from pipeline.data.precomputed import members_of, read_manifest
 from pipeline.data.stream import StreamSpec, WorkerState, WorkerStream, check_error_budget
 from pipeline.data.tars import expand_shards, shard_size
 from pipeline.data.text import make_tokenizer
@@ -47,7 +48,8 @@ class DataConfig:
     """Where the image-text shards are and how they become batches."""
 
     shards: str = ""  # brace pattern(s), '::'-separated; local, pipe:, http(s)
-    kind: Literal["images", "tokens"] = "images"  # tokens: shards written by the pretokenize stage
+    # precomputed: shards written by a precompute stage (pretokenize, ...), whose manifest declares their members
+    kind: Literal["images", "precomputed"] = "images"
     resolution: int = 64
     crop: Literal["center", "random"] = "center"
     batch_size: int = 16  # per rank
@@ -71,8 +73,10 @@ class DataConfig:
 
 
 class StreamingLoader:
-    """Batches for one rank: dicts with `image` (B, 3, R, R) in [-1, 1], `caption`, `key`, `valid`
-    and, with a tokenizer, `tokens` (B, text_length). Iterating runs epoch after epoch."""
+    """Batches for one rank: dicts with `caption`, `key`, `valid` and, from image shards, `image`
+    (B, 3, R, R) in [-1, 1] and, with a tokenizer, `tokens` (B, text_length); from precomputed shards,
+    each member their manifest declares (integers as int64, floats as float32). Iterating runs epoch
+    after epoch."""
 
     def __init__(self, cfg: DataConfig, *, seed: int = 0, rank: int = 0, world_size: int = 1,
                  enforce_budget: bool = True) -> None:
@@ -87,6 +91,7 @@ class StreamingLoader:
         if sum(self.sizes) == 0:
             raise ValueError(f"data.shards={cfg.shards!r}: no samples in {len(self.urls)} shard(s)"
                              f" ({len(self.problems)} missing or damaged)")
+        self.members = members_of(read_manifest(cfg.shards)) if cfg.kind == "precomputed" else None
         self.workers = max(1, cfg.num_workers)
         self.epoch, self.consumed, self.replans = 0, 0, 0
         self._spans = self._whole_epoch()  # what the current epoch reads, in laid-out positions
@@ -117,7 +122,7 @@ class StreamingLoader:
                                workers=self.workers, shuffle_shards=cfg.shuffle_shards)
         spec = StreamSpec(tuple(self.urls), tuple(self.sizes), cfg.resolution, cfg.crop, cfg.batch_size,
                           cfg.shuffle_buffer, self.seed, self.epoch, self.rank, cfg.max_bad_fraction,
-                          cfg.budget_min_samples if self.enforce_budget else 2**62, cfg.kind, self.replans)
+                          cfg.budget_min_samples if self.enforce_budget else 2**62, self.members, self.replans)
         states = {worker: WorkerState(**self._worker_states.get(worker, {})) for worker in range(self.workers)}
         dataset = _EpochDataset(spec, plans, states, rotation=self.consumed % self.workers,
                                 tokenizer=cfg.tokenizer, text_length=cfg.text_length)

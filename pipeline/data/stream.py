@@ -17,7 +17,8 @@ from typing import Callable, Iterator
 import torch
 
 from pipeline.data.plan import Segment, WorkerPlan, resampled_segment
-from pipeline.data.samples import collate, image_sample, token_sample
+from pipeline.data.precomputed import Member, precomputed_sample
+from pipeline.data.samples import collate, image_sample
 from pipeline.data.tars import RawSample, Skip, iter_raw_samples
 
 log = logging.getLogger("t2i.data")
@@ -60,7 +61,7 @@ class StreamSpec:
     rank: int
     max_bad_fraction: float
     budget_min_samples: int
-    kind: str = "images"  # or "tokens": shards written by pretokenize
+    members: dict[str, Member] | None = None  # precomputed shards' members (None: image shards)
     replans: int = 0  # times the run was re-planned for a new layout; resampled draws depend on it
 
 
@@ -178,14 +179,14 @@ class WorkerStream:
     def _decode(self, item: RawSample | Skip) -> dict | Skip:
         if isinstance(item, Skip):
             return item
-        if self.spec.kind == "tokens":
-            return token_sample(item)
+        if self.spec.members is not None:
+            return precomputed_sample(item, self.spec.members)
         rng = random.Random(f"crop-{self.spec.seed}-{self.spec.epoch}-{item.key}")
         return image_sample(item, self.spec.resolution, self.spec.crop, rng)
 
     def _blank(self) -> dict:
-        if self.spec.kind == "tokens":
-            raise RuntimeError(f"loader worker {self.plan.worker} found no readable token sample to pad its batches with")
+        if self.spec.members is not None:
+            raise RuntimeError(f"loader worker {self.plan.worker} found no readable precomputed sample to pad its batches with")
         resolution = self.spec.resolution
         return {"image": torch.zeros(3, resolution, resolution), "caption": "", "key": "", "valid": False}
 

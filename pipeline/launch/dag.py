@@ -128,7 +128,7 @@ class Job:
         if record["inputs"] != self.inputs:
             return Folder.INPUTS_CHANGED, ", ".join(sorted(key for key in self.inputs
                                                            if record["inputs"].get(key) != self.inputs[key]))
-        return Folder.EXTEND, ""
+        return Folder.EXTEND, ", ".join(f"{key} {_show(old)} -> {_show(new)}" for key, (old, new) in changed.items())
 
     def prepare(self, fresh: bool = False, discard: bool = False) -> str:
         """Readies the output folder for this job and says what became of what it held (empty when
@@ -140,6 +140,8 @@ class Job:
             note = self._set_aside(discard)
         elif state is Folder.INPUTS_CHANGED:
             note = f"its inputs changed ({detail}); {self._set_aside(discard=False)}"
+        elif state is Folder.EXTEND and detail:
+            note = f"continues from its last checkpoint ({detail})"
         elif state is Folder.CONFLICT:
             raise RunConflict(f"stage {self.name!r}: {self.out_dir} holds another run:\n{detail}")
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ def test_a_preempted_two_phase_run_resumes_to_the_weights_of_an_uninterrupted_on
     assert all(torch.equal(expected[key], got[key]) for key in expected)
 
 
-def test_deepspeed_trains_the_phases_as_ddp_does_over_two_ranks(shapes_shards, tmp_path):
+def test_deepspeed_trains_the_phases_as_ddp_does_over_two_ranks_and_resumes_them(shapes_shards, tmp_path):
     results = {}
     for backend, extra in (("accelerate", {}), ("deepspeed", {"engine.zero_stage": 2})):
         out = tmp_path / backend
@@ -64,6 +64,15 @@ def test_deepspeed_trains_the_phases_as_ddp_does_over_two_ranks(shapes_shards, t
         tmp_path / "deepspeed" / "checkpoints" / "step-00000004" / name for name in ("deepspeed-critic", "deepspeed-generator")]
     for key, value in results["accelerate"].items():
         torch.testing.assert_close(results["deepspeed"][key], value, rtol=1e-4, atol=1e-5)
+    # Preempted at step 2 and resumed, the DeepSpeed run ends where the uninterrupted one did.
+    resumed = tmp_path / "resumed"
+    common = {"engine.backend": "deepspeed", "engine.zero_stage": 2, "trainer.max_steps": 4, "trainer.save_every": 2}
+    first = _stage(toy_overrides(shapes_shards, resumed, **common, **{"model.signal_at_call": 3}), nproc=2)
+    assert first.returncode != 0 and step_of(latest(resumed / "checkpoints")) == 2, first.stdout[-3000:]
+    again = _stage(toy_overrides(shapes_shards, resumed, **common), nproc=2)
+    assert again.returncode == 0 and "(step 2)" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+    for key, value in results["deepspeed"].items():
+        torch.testing.assert_close(_weights(resumed)[key], value, rtol=1e-5, atol=1e-6)
 
 
 class _Layers(Task):

@@ -184,3 +184,26 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, 
     assert _states(tmp_path / "runs" / "usr1")["toy"] == "COMPLETED", log
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 21))
+
+
+def test_resubmitting_with_more_time_and_steps_continues_and_a_changed_result_is_refused(slurm_cluster, tmp_path):
+    def pipeline(extra: str) -> Path:
+        stages = (_data_stage(32) + _toy_stage("toy", ["data"], f"trainer.save_every=2, {extra}")
+                  + _toy_stage("after", ["toy", "data"], "trainer.max_steps=2"))
+        return _write_pipeline(tmp_path / "again.yaml", "again", tmp_path / "runs", stages)
+
+    _wait(_submit(pipeline("trainer.max_steps=4")))
+    run = tmp_path / "runs" / "again"
+    assert set(_states(run).values()) == {"COMPLETED"}
+    # The stage hit its time limit, say: more time (operational) and more steps (it continues).
+    jobs = _submit(pipeline("trainer.max_steps=6, launch.time='02:00:00'"))
+    assert list(jobs) == ["toy", "after"]  # data is complete
+    _wait(jobs)
+    assert set(_states(run).values()) == {"COMPLETED"}
+    log = sorted((run / "toy").glob("slurm-*.out"))[-1].read_text()
+    assert f"resumed from {run.resolve() / 'toy' / 'checkpoints' / 'step-00000004'} (step 4)" in log
+    steps = [json.loads(line)["step"] for line in (run / "toy" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+    assert (run / "after.old-1" / "final" / "model.safetensors").exists()  # trained on the 4-step model: kept
+    refused = _t2i("submit", str(pipeline("trainer.max_steps=6, trainer.seed=5")))
+    assert refused.returncode == 2 and "trainer.seed: 0 -> 5" in refused.stderr and "--from toy" in refused.stderr

@@ -12,9 +12,11 @@ import pytest
 import safetensors.torch
 import torch
 
+from pipeline import precompute
 from pipeline.config import ConfigError, dump_config, load_config
 from pipeline.data.text import make_tokenizer
 from pipeline.describe import describe
+from pipeline.runs import run_stage
 from stages import dalle, dvae, pretokenize, sample
 
 
@@ -29,7 +31,7 @@ def _keys(folder) -> list[str]:
 def _check_caption_tokens(folder) -> None:
     """Every sample's KEY.text.npy is its caption through the manifest's tokenizer."""
     manifest = json.loads((folder / "manifest.json").read_text())
-    tokenize = make_tokenizer(manifest["tokenizer"], manifest["text_length"])
+    tokenize = make_tokenizer(manifest["producer"]["tokenizer"], manifest["producer"]["text_length"])
     for shard in sorted(folder.glob("*.tar")):
         with tarfile.open(shard) as tar:
             members = {name: tar.extractfile(name).read() for name in tar.getnames()}
@@ -45,7 +47,11 @@ def test_token_shards_hold_every_image_key_once_with_the_manifest(dalle_path):
     assert len(set(_keys(dalle_path / "tokens"))) == 90
     manifest = json.loads((dalle_path / "tokens" / "manifest.json").read_text())
     assert manifest["samples"] == {"00000.tar": 30, "00001.tar": 30, "00002.tar": 30}
-    assert manifest["code_grids"] == [8] and len(manifest["autoencoder_sha256"]) == 64
+    assert manifest["info"] == {"code_grids": [8], "codebook_size": 512}
+    assert len(manifest["producer"]["weights_sha256"]) == 64 and manifest["producer"]["stage"] == "dvae"
+    assert manifest["members"] == {
+        "text_tokens": {"dtype": "uint16", "shape": [16], "file": "text.npy", "max_value": 21},
+        "image_tokens": {"dtype": "uint16", "shape": [64], "file": "image.npy", "max_value": 511}}
     _check_caption_tokens(dalle_path / "tokens")
     with tarfile.open(dalle_path / "tokens" / "00000.tar") as tar:
         assert all(not member.pax_headers for member in tar)  # whole-second mtimes: one header per member
@@ -86,11 +92,11 @@ def test_the_prior_refuses_tokens_made_by_another_dvae(dalle_path, tmp_path):
     for path in (dalle_path / "tokens").iterdir():
         (tokens / path.name).write_bytes(path.read_bytes())
     manifest = json.loads((tokens / "manifest.json").read_text())
-    manifest["autoencoder_sha256"] = "0" * 64
+    manifest["producer"]["weights_sha256"] = "0" * 64
     (tokens / "manifest.json").write_text(json.dumps(manifest))
     cfg = load_config(dalle.Config, "configs/dalle/tiny.yaml",
                       [f"data.shards={tokens}", f"dvae={dalle_path / 'dvae'}", f"trainer.out_dir={tmp_path / 'p'}"])
-    with pytest.raises(ValueError, match="made by an autoencoder with weights sha256 000000000000"):
+    with pytest.raises(ValueError, match="made by a dvae run with weights sha256 000000000000"):
         dalle.run(cfg)
     assert not (tmp_path / "p").exists()
 
@@ -127,11 +133,12 @@ def _tokens_config(shards, autoencoder, out) -> pretokenize.Config:
 
 def test_pretokenize_refuses_ids_that_do_not_fit_uint16_before_writing_anything(dalle_path, tmp_path, monkeypatch):
     big = _untrained_dvae(dalle_path, tmp_path / "big", "model.codebook_size=70000")
-    with pytest.raises(ValueError, match="codebook_size 70000: token shards store codes as uint16, so at most 65536"):
+    with pytest.raises(ValueError, match=r"member image_tokens \(uint16\[64\]\): values up to 69999 do not fit uint16 "
+                                         r"\(at most 65535\)"):
         pretokenize.run(_tokens_config(dalle_path / "shapes", big, tmp_path / "tokens"))
-    monkeypatch.setattr(pretokenize, "make_tokenizer", lambda spec, length: lambda captions: torch.full(
+    monkeypatch.setattr(precompute, "make_tokenizer", lambda spec, length: lambda captions: torch.full(
         (len(captions), length), 70000))
-    with pytest.raises(ValueError, match="gave token id 70000: token shards store ids as uint16"):
+    with pytest.raises(ValueError, match=r"member text_tokens: value 70000 does not fit uint16 \(0..65535\)"):
         pretokenize.run(_tokens_config(dalle_path / "shapes", dalle_path / "dvae", tmp_path / "tokens"))
     assert not list((tmp_path / "tokens").glob("*.tar"))
 
@@ -157,17 +164,17 @@ def test_shards_made_by_another_autoencoder_are_made_again(dalle_path, tmp_path)
         (out / shard.name).write_bytes(shard.read_bytes())
     other = _untrained_dvae(dalle_path, tmp_path / "other")
     assert pretokenize.run(_tokens_config(dalle_path / "shapes", other, out)) == 0
-    weights_hash = json.loads((out / "manifest.json").read_text())["autoencoder_sha256"]
+    weights_hash = json.loads((out / "manifest.json").read_text())["producer"]["weights_sha256"]
     assert weights_hash == hashlib.sha256((other / "final" / "model.safetensors").read_bytes()).hexdigest()
     for name in ("00000", "00001", "00002"):
-        assert json.loads((out / f"{name}_stats.json").read_text())["made_by"]["autoencoder_sha256"] == weights_hash
+        assert json.loads((out / f"{name}_stats.json").read_text())["made_by"]["producer"]["weights_sha256"] == weights_hash
         assert (out / f"{name}.tar").read_bytes() != (dalle_path / "tokens" / f"{name}.tar").read_bytes()
 
 
-def _sample(dalle_path, out, **extra) -> list[dict]:
+def _sample(dalle_path, out, *overrides: str, **extra) -> list[dict]:
     values = {"run": str(dalle_path / "prior"), "captions": "heldout:3", "out_dir": str(out),
-              "images_per_caption": 2, "top_k": 16, "seed": 7, "batch_size": 4, **extra}
-    assert sample.run(load_config(sample.Config, None, base=values)) == 0
+              "images_per_caption": 2, "seed": 7, "batch_size": 4, **extra}
+    assert run_stage("sample", load_config(sample.Config, None, ["dalle.top_k=16", *overrides], base=values)) == 0
     return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
 
 
@@ -184,17 +191,18 @@ def test_sampling_is_reproducible_and_writes_images_captions_and_a_grid(dalle_pa
 
 
 def test_a_samples_caption_and_seed_give_its_image_in_any_batch(dalle_path, tmp_path):
-    records = _sample(dalle_path, tmp_path / "batched", guidance_scale=2.0)  # 6 images, batches of 4
-    alone = _sample(dalle_path, tmp_path / "alone", captions=records[3]["caption"], seed=records[3]["seed"],
-                    images_per_caption=1, batch_size=1, guidance_scale=2.0)
+    records = _sample(dalle_path, tmp_path / "batched", "dalle.guidance_scale=2")  # 6 images, batches of 4
+    alone = _sample(dalle_path, tmp_path / "alone", "dalle.guidance_scale=2", captions=records[3]["caption"],
+                    seed=records[3]["seed"], images_per_caption=1, batch_size=1)
     pixels = lambda folder, record: PIL.Image.open(folder / record["file"]).tobytes()  # noqa: E731
     assert pixels(tmp_path / "batched", records[3]) == pixels(tmp_path / "alone", alone[0])
 
 
-@pytest.mark.parametrize("setting", ["temperature=0", "top_k=0", "top_p=0", "top_p=1.5", pytest.param(
-    "device=cuda", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"))])
+@pytest.mark.parametrize("setting", ["dalle.temperature=0", "dalle.top_k=0", "dalle.top_p=0", "dalle.top_p=1.5",
+                                     "pixelcnn.top_k=0", pytest.param("device=cuda", marks=pytest.mark.skipif(
+                                         torch.cuda.is_available(), reason="a GPU is here"))])
 def test_sampling_settings_are_checked_before_loading_anything(setting):
-    key = setting.split("=")[0]
+    key = setting.split("=")[0].rsplit(".", 1)[-1]
     with pytest.raises(ConfigError, match=key):
         load_config(sample.Config, None, ["run=x", "captions=a cat", "out_dir=y", setting])
 

@@ -1,0 +1,213 @@
+"""The precompute machinery: image-text shards -> precomputed shards (pipeline/data/precomputed.py),
+by any `Encoder` that declares its members.
+
+Each input shard `NAME.tar` becomes `OUT/NAME.tar` and `OUT/NAME_stats.json` (samples written,
+samples skipped by reason, per-member statistics and what made the values), the stats file written
+last: a shard whose stats file names the same producer and members is finished, and a re-run skips
+it; one made otherwise (other weights, another tokenizer) is made again. A source shard that cannot
+be opened gets no output (perhaps a passing failure: a re-run retries it) and fails the run once the
+others are done. Ranks (torchrun, any number of nodes) take disjoint shards: shard i goes to rank
+i % world_size. Rank 0 finally writes `manifest.json`.
+
+Loader workers decode the images and tokenize the captions while the main process encodes; one
+thread writes the tars, in order, at most two batches behind the encoder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+import webdataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from pipeline.data.precomputed import MANIFEST, Member, sample_members
+from pipeline.data.samples import collate, image_sample
+from pipeline.data.tars import Skip, expand_shards, iter_raw_samples, whole_second_mtime
+from pipeline.data.text import make_tokenizer
+from pipeline.engine.distributed import DistInfo, barrier
+
+
+class Encoder(Protocol):
+    """What the machinery asks of an encoder. `encode` runs in the main process, on its device."""
+
+    members: dict[str, Member]  # what each sample holds besides its caption
+    producer: dict  # what makes the values (weights_sha256, stage, run, tokenizer, ...): shards made otherwise are made again
+    info: dict  # facts about the values that consumers need, for the manifest
+    resolution: int  # images are decoded at this side, centre-cropped
+    tokenizer: str | None  # captions are tokenized in the loader workers into batch["text_tokens"]
+    text_length: int
+
+    def encode(self, batch: dict) -> dict[str, torch.Tensor]:
+        """A batch (image (B, 3, R, R) in [-1, 1], caption, key, text_tokens) -> each member (B, *shape)."""
+        ...
+
+
+def precompute(encoder: Encoder, shards: str, out_dir: str | Path, *, batch_size: int, num_workers: int,
+               dist: DistInfo) -> None:
+    """Writes this rank's unfinished shards, then (rank 0, after every rank) the manifest."""
+    for name, member in encoder.members.items():
+        member.check_declared(name)  # before any work
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    urls = expand_shards(shards)
+    names = [Path(url).name for url in urls]
+    if len(set(names)) != len(names):
+        raise ValueError(f"shards={shards!r}: shard file names must be unique, they name the outputs")
+    made_by = {"producer": encoder.producer, "members": {name: member.as_dict() for name, member in encoder.members.items()}}
+    mine = [(index, url) for index, url in enumerate(urls)
+            if index % dist.world_size == dist.rank and not _finished(out, names[index], made_by)]
+    dataset = _ShardBatches(mine, encoder.resolution, batch_size, encoder.tokenizer, encoder.text_length)
+    loader = DataLoader(dataset, batch_size=None, num_workers=min(num_workers, len(mine)))
+    open_shards: dict[int, _OutputShard] = {}
+    unreadable: list[str] = []
+    progress = tqdm(total=len(mine), desc=f"precompute rank {dist.rank}", unit="shard", disable=not mine)
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: deque[Future] = deque()
+        for index, batch, skipped in loader:
+            if index not in open_shards:
+                open_shards[index] = _OutputShard(out, names[index], urls[index], made_by, encoder.members)
+            shard = open_shards[index]
+            if batch is not None:
+                values = {name: value.cpu() for name, value in encoder.encode(batch).items()}
+                for name, member in encoder.members.items():
+                    member.check_values(name, values[name])  # before anything of the batch is written
+                pending.append(writer.submit(shard.write, batch["key"], batch["caption"], values))
+            if skipped is not None:  # the shard's last batch
+                del open_shards[index]
+                if "missing_shard" in skipped:  # perhaps a passing failure: no output, so a re-run retries it
+                    pending.append(writer.submit(shard.discard))
+                    unreadable.append(urls[index])
+                else:
+                    pending.append(writer.submit(shard.finish, skipped))
+                    pending[-1].add_done_callback(lambda _: progress.update(1))
+            while len(pending) > 2 or (pending and pending[0].done()):
+                pending.popleft().result()  # a write's error stops the run here
+        for future in pending:
+            future.result()
+    progress.close()
+    if unreadable:
+        raise FileNotFoundError(f"precompute rank {dist.rank}: {len(unreadable)} shard(s) could not be opened: "
+                                f"{', '.join(unreadable)}; the others are finished; run again to retry these")
+    barrier()
+    if dist.is_main:
+        _write_manifest(out, urls, names, encoder)
+
+
+class _ShardBatches(IterableDataset):
+    """(shard index, batch or None, skips) for the given shards, whole shards per loader worker; skips
+    (reason -> count) is None except on a shard's last batch. Batches carry their captions' tokens
+    (`text_tokens`) when there is a tokenizer: tokenizing, like decoding, happens in the workers."""
+
+    def __init__(self, urls: list[tuple[int, str]], resolution: int, batch_size: int, tokenizer: str | None,
+                 text_length: int) -> None:
+        self.urls, self.resolution, self.batch_size = urls, resolution, batch_size
+        self.tokenizer, self.text_length = tokenizer, text_length
+
+    def __iter__(self) -> Iterator[tuple[int, dict | None, dict | None]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        urls = self.urls[worker::workers]
+        if not urls:
+            return
+        tokenize = make_tokenizer(self.tokenizer, self.text_length) if self.tokenizer else None
+
+        def batched(samples: list[dict]) -> dict:
+            batch = collate(samples)
+            return {**batch, "text_tokens": tokenize(batch["caption"])} if tokenize else batch
+
+        for index, url in urls:
+            samples, skipped = [], {}
+            for item in iter_raw_samples(url):
+                sample = item if isinstance(item, Skip) else image_sample(item, self.resolution, "center", random.Random(0))
+                if isinstance(sample, Skip):
+                    skipped[sample.reason] = skipped.get(sample.reason, 0) + 1
+                    continue
+                samples.append(sample)
+                if len(samples) == self.batch_size:
+                    yield index, batched(samples), None
+                    samples = []
+            yield index, batched(samples) if samples else None, skipped  # the shard's last batch
+
+
+class _OutputShard:
+    """One output shard, written under a temporary name and renamed when complete; its stats file,
+    written last, marks it finished and says what made it (`made_by`)."""
+
+    def __init__(self, out: Path, name: str, source: str, made_by: dict, members: dict[str, Member]) -> None:
+        self.out, self.name, self.source, self.made_by, self.members = out, name, source, made_by, members
+        self.count = 0
+        self.moments = {name: [0, 0.0, 0.0] for name, member in members.items() if member.dtype.startswith("float")}
+        self.tar = webdataset.TarWriter(str(_temporary(out, name)), mtime=whole_second_mtime())
+
+    def write(self, keys: list[str], captions: list[str], values: dict[str, torch.Tensor]) -> None:
+        for row, (key, caption) in enumerate(zip(keys, captions)):
+            self.tar.write({"__key__": key, **sample_members(caption, {name: value[row] for name, value in values.items()},
+                                                             self.members)})
+        for name, moments in self.moments.items():
+            stored = values[name].to(getattr(torch, self.members[name].dtype)).double()  # what the shard holds
+            moments[0] += stored.numel()
+            moments[1] += float(stored.sum())
+            moments[2] += float(stored.square().sum())
+        self.count += len(keys)
+
+    def finish(self, skipped: dict) -> None:
+        self.tar.close()
+        os.replace(_temporary(self.out, self.name), self.out / self.name)
+        _write_json(_stats_path(self.out, self.name), {
+            "successes": self.count, "skipped": skipped, "source": self.source, "made_by": self.made_by,
+            "moments": {name: dict(zip(("count", "sum", "sum_of_squares"), moments)) for name, moments in self.moments.items()}})
+
+    def discard(self) -> None:
+        self.tar.close()
+        _temporary(self.out, self.name).unlink()
+
+
+def _finished(out: Path, name: str, made_by: dict) -> bool:
+    path = _stats_path(out, name)
+    return path.exists() and json.loads(path.read_text()).get("made_by") == made_by
+
+
+def _write_manifest(out: Path, urls: list[str], names: list[str], encoder: Encoder) -> None:
+    stats = {name: json.loads(_stats_path(out, name).read_text()) for name in names}
+    _write_json(out / "sizes.json", {name: entry["successes"] for name, entry in stats.items()})
+    _write_json(out / MANIFEST, {
+        "members": {name: member.as_dict() for name, member in encoder.members.items()},
+        "producer": encoder.producer, "info": encoder.info, "statistics": _statistics(stats.values()),
+        "source_shards": urls, "samples": {name: entry["successes"] for name, entry in stats.items()},
+        "skipped": {name: entry["skipped"] for name, entry in stats.items() if entry["skipped"]}})
+
+
+def _statistics(stats) -> dict[str, dict[str, float]]:
+    """Per float member, the count, mean and standard deviation of all values in all shards."""
+    totals: dict[str, list[float]] = {}
+    for entry in stats:
+        for name, moments in entry.get("moments", {}).items():
+            total = totals.setdefault(name, [0, 0.0, 0.0])
+            for i, key in enumerate(("count", "sum", "sum_of_squares")):
+                total[i] += moments[key]
+    out = {}
+    for name, (count, total, squares) in totals.items():
+        mean = total / max(count, 1)
+        out[name] = {"count": count, "mean": mean, "std": max(squares / max(count, 1) - mean ** 2, 0.0) ** 0.5}
+    return out
+
+
+def _stats_path(out: Path, name: str) -> Path:
+    return out / (name.rsplit(".", 1)[0] + "_stats.json")
+
+
+def _temporary(out: Path, name: str) -> Path:
+    return out / f".{name}.tmp"
+
+
+def _write_json(path: Path, value: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=1))
+    os.replace(temporary, path)

@@ -1,0 +1,43 @@
+"""The contract between `t2i sample` (stages/sample.py) and a generative family.
+
+A generative stage module provides `SamplerConfig`, a typed dataclass of its sampling options (the
+`sample` stage's config holds one section of it, named after the stage), and `Sampler`, built by
+`Sampler.from_run(run, options, device)` from a trained run folder (or one of its checkpoints), with
+
+    sampler.sample(captions, seeds) -> images (B, 3, R, R) in [-1, 1], on its device,
+
+where image i is drawn from its own random stream, seeded with seeds[i]: a caption and its seed
+give the same image in any batch. Everything families share (captions, per-image seeds, batching,
+writing images, CLIP re-ranking) lives in the `sample` stage; scoring samples is the `score` stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class Sampler(Protocol):
+    def sample(self, captions: list[str], seeds: list[int]) -> torch.Tensor:
+        ...
+
+
+@dataclass
+class AutoregressiveOptions:
+    """Options of the samplers that draw codes one at a time (DALL-E's prior, the PixelCNN)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None  # draw among the k most likely codes only
+    guidance_scale: float = 1.0  # classifier-free guidance; 1: none
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or null: no limit), got {self.top_k}")
+
+
+def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU random stream per image: the same seed draws the same image on any device."""
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
