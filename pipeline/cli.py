@@ -91,8 +91,9 @@ def _cancel(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from pipeline.registry import load_stage
 
-    given = {"run": args.run, "captions": args.captions, "out_dir": args.out}
-    return run_stage("sample", load_config(load_stage("sample").Config, args.config, args.overrides, base=given))
+    given = [f"{key}={json.dumps(value)}" for key, value in (("run", args.run), ("captions", args.captions),
+                                                              ("out_dir", args.out))]  # JSON is YAML: any text stays text
+    return run_stage("sample", load_config(load_stage("sample").Config, args.config, [*given, *args.overrides]))
 
 
 def _describe(args: argparse.Namespace) -> int:
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="KEY=VALUE overrides set any key of stages/sample.py's Config: shared ones (images_per_caption=8 "
                     "seed=1 batch_size=16 clip_checkpoint=PATH candidates=4 device=cpu) and the family's sampling "
                     "options in its section (dalle.top_k=32 dalle.guidance_scale=2, pixelcnn.top_run=RUN).")
-    sample.add_argument("run", help="a run folder of a generative stage, or one of its checkpoints/step-N folders")
+    sample.add_argument("run", help="a run folder of a generative stage, or one of its checkpoints/step-N folders "
+                                    "(written by the accelerate back end)")
     sample.add_argument("--captions", required=True, help="a text file (one caption a line), one caption, "
                                                           "or heldout:N for N held-out shapes captions")
     sample.add_argument("--out", required=True, help="output folder")

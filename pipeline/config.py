@@ -11,7 +11,7 @@ Promises:
   config loads back to an equal object, and equal configs hash equally on any machine.
 - A field declared with `operational(...)` changes how a run executes (resources, worker and thread
   counts, timeouts, log and save periods), never what it computes: `result_view` and `result_hash`
-  leave it out. A field declared with `extendable(...)` (`trainer.max_steps`) changes the result, but
+  leave it out, as they leave out what a config's `unused_keys()` names. A field declared with `extendable(...)` (`trainer.max_steps`) changes the result, but
   raising it continues a run from its checkpoints instead of starting it again.
 """
 
@@ -111,8 +111,21 @@ def extendable(default: int) -> Any:
 
 def result_view(cfg: Any) -> dict[str, Any]:
     """The values that change what a run computes, flat by dotted key ('optim.lr'; a list or a
-    mapping is one value), operational fields left out."""
-    return {key: _plain(value) for key, role, value in _leaves(cfg, "", None) if role != OPERATIONAL}
+    mapping is one value): operational fields left out, and the keys under the prefixes a config's
+    `unused_keys()` names, when it has that method (keys its other values make irrelevant)."""
+    unused = tuple(cfg.unused_keys()) if callable(getattr(cfg, "unused_keys", None)) else ()
+    return {key: _plain(value) for key, role, value in _leaves(cfg, "", None)
+            if role != OPERATIONAL and not any(key == prefix or key.startswith(prefix + ".") for prefix in unused)}
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The keys whose values differ between two result views, with (old, new); a key absent from
+    one side has the value MISSING there."""
+    return {key: (old.get(key, MISSING), new.get(key, MISSING)) for key in sorted(set(old) | set(new))
+            if old.get(key, MISSING) != new.get(key, MISSING)}
+
+
+MISSING = "(absent)"
 
 
 def extendable_keys(cfg: Any) -> set[str]:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline.data.precomputed import MANIFEST, Member, sample_members
 from pipeline.data.samples import collate, image_sample
-from pipeline.data.tars import Skip, expand_shards, iter_raw_samples, whole_second_mtime
+from pipeline.data.tars import Skip, expand_shards, is_local, iter_raw_samples, local_path, whole_second_mtime
 from pipeline.data.text import make_tokenizer
 from pipeline.engine.distributed import DistInfo, barrier
 
@@ -60,6 +60,9 @@ def precompute(encoder: Encoder, shards: str, out_dir: str | Path, *, batch_size
     names = [Path(url).name for url in urls]
     if len(set(names)) != len(names):
         raise ValueError(f"shards={shards!r}: shard file names must be unique, they name the outputs")
+    if any(Path(local_path(url)).parent.resolve() == out.resolve() for url in urls if is_local(url)):
+        raise ValueError(f"out_dir={str(out_dir)!r} holds the source shards, which the outputs would replace: "
+                         "write them to another folder")
     made_by = {"producer": encoder.producer, "members": {name: member.as_dict() for name, member in encoder.members.items()}}
     mine = [(index, url) for index, url in enumerate(urls)
             if index % dist.world_size == dist.rank and not _finished(out, names[index], made_by)]

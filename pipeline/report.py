@@ -47,6 +47,8 @@ def _section(job: Job, root: Path) -> str:
         if (out / "images").exists() else []
     parts += [f"<figure><img src='{_rel(image, root)}' width='{min(512, PIL.Image.open(image).width * 2)}'>"
               f"<figcaption>{html.escape(image.stem)}</figcaption></figure>" for image in images]
+    if (out / "grid.png").exists():  # a sample stage's images with their captions
+        parts.append(f"<figure><img src='{_rel(out / 'grid.png', root)}'><figcaption>captions and samples</figcaption></figure>")
     extra = out / "report.html"  # a stage may write a fragment of its own (quality figures, captions)
     if extra.exists():
         parts.append(extra.read_text())

@@ -5,6 +5,7 @@ the one loader of a trained model from a finished run or from one of its checkpo
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 import safetensors.torch
 from torch import nn
 
-from pipeline.config import dump_config, load_config
+from pipeline.config import ConfigError, changed_keys, dump_config, extendable_keys, load_config, result_view
 from pipeline.registry import load_stage, output_dir
 
 CONFIG_FILE = "config.yaml"
@@ -23,12 +24,34 @@ _HEADER = re.compile(r"^# t2i stage ([^\s:]+)")
 
 def run_stage(stage: str, cfg: Any) -> int:
     """Runs stage `stage` with its resolved config: rank 0 writes OUT/config.yaml (the only writer
-    of it), then the stage's `run`. Returns the stage's exit code."""
+    of it), then the stage's `run`. Returns the stage's exit code. An OUT holding a run of another
+    stage, or of other values of result-changing keys (raising an extendable one aside), is refused
+    before anything is written."""
     module = load_stage(stage)
+    out = Path(output_dir(module, cfg))
     if int(os.environ.get("RANK", 0)) == 0:
-        dump_config(cfg, Path(output_dir(module, cfg)) / CONFIG_FILE,
-                    comment=f"t2i stage {stage}: the fully resolved config of this run")
+        _check_earlier_run(out, stage, module, cfg)
+        dump_config(cfg, out / CONFIG_FILE, comment=f"t2i stage {stage}: the fully resolved config of this run")
     return module.run(cfg) or 0
+
+
+def _check_earlier_run(out: Path, stage: str, module, cfg: Any) -> None:
+    recorded = run_stage_name(out)
+    if recorded is not None and recorded != stage:
+        raise ValueError(f"{out} holds a run of stage {recorded!r}: write the {stage!r} stage's outputs to another folder")
+    if recorded is None:
+        return
+    try:
+        earlier = load_config(module.Config, out / CONFIG_FILE)
+    except ConfigError:  # written by a t2i whose config no longer loads: nothing to compare
+        return
+    growing = extendable_keys(cfg)
+    changed = {key: values for key, values in changed_keys(result_view(earlier), result_view(cfg)).items()
+               if key not in growing}
+    if changed:
+        keys = ", ".join(f"{key} {json.dumps(old)} -> {json.dumps(new)}" for key, (old, new) in changed.items())
+        raise ValueError(f"{out} holds a {stage} run of other values of keys that change its result ({keys}): "
+                         "restore them to continue it, or write to another folder")
 
 
 def run_stage_name(run_dir: str | Path) -> str | None:

@@ -1,7 +1,8 @@
 """The contract between `t2i sample` (stages/sample.py) and a generative family.
 
 A generative stage module provides `SamplerConfig`, a typed dataclass of its sampling options (the
-`sample` stage's config holds one section of it, named after the stage), and `Sampler`, built by
+`sample` stage's config holds one section of it, named after the stage; stages/sample.py lists the
+families, FAMILIES, and a new family adds its section there), and `Sampler`, built by
 `Sampler.from_run(run, options, device)` from a trained run folder (or one of its checkpoints), with
 
     sampler.sample(captions, seeds) -> images (B, 3, R, R) in [-1, 1], on its device,

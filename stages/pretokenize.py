@@ -62,10 +62,10 @@ class CodeEncoder:
         self.members = {
             "text_tokens": Member("uint16", (cfg.text_length,), "text.npy", vocab_size(cfg.tokenizer) - 1),
             "image_tokens": Member("uint16", (sum(side ** 2 for side in grids),), "image.npy", codebook - 1)}
+        # What makes the values; moving the autoencoder's folder does not change them.
         self.producer = {"weights_sha256": trained.weights_sha256, "stage": cfg.autoencoder_stage,
-                         "run": str(trained.folder.resolve()), "tokenizer": portable(cfg.tokenizer),
-                         "text_length": cfg.text_length}
-        self.info = {"code_grids": grids, "codebook_size": codebook}
+                         "tokenizer": portable(cfg.tokenizer), "text_length": cfg.text_length}
+        self.info = {"code_grids": grids, "codebook_size": codebook, "autoencoder": str(trained.folder.resolve())}
 
     @torch.no_grad()
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -48,6 +48,12 @@ class Config:
     pixelcnn: pixelcnn.SamplerConfig = field(default_factory=pixelcnn.SamplerConfig)
     launch: LaunchConfig = launch_field()
 
+    def unused_keys(self) -> set[str]:
+        """Keys that cannot change these samples (pipeline/config.py's result_view): the sections of
+        the other families when `stage` is set, the CLIP options without a CLIP checkpoint."""
+        unused = {family for family in FAMILIES if self.stage and family != self.stage}
+        return unused | ({"clip_model", "candidates"} if not self.clip_checkpoint else set())
+
     def validate(self) -> None:
         for key in ("out_dir", "run", "captions"):
             if not getattr(self, key):

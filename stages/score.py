@@ -1,12 +1,11 @@
 """The `score` stage: samples of shapes captions (a `sample` stage's folder) scored by the shapes
 oracle (pipeline/data/shapes.py reads an image back into its colours and shapes), whichever family
 drew them. Writes `quality.json` (samples scored, colour accuracy, colour+shape accuracy) and a
-`report.html` fragment that the pipeline's report shows with the samples' grid."""
+`report.html` fragment with the figures for the pipeline's report."""
 from __future__ import annotations
 
 import html
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +53,10 @@ def run(cfg: Config) -> int:
     out.mkdir(parents=True, exist_ok=True)
     quality = score(samples)
     (out / "quality.json").write_text(json.dumps(quality, indent=1))
-    grid = html.escape(os.path.relpath(samples.resolve() / "grid.png", out.resolve().parent), quote=True)
     (out / "report.html").write_text(
-        f"<p>On {quality['samples']} samples of single-shape captions the oracle finds the caption's colour in "
-        f"<b>{quality['colour_accuracy']:.0%}</b> and its colour and shape together in "
-        f"<b>{quality['colour_and_shape_accuracy']:.0%}</b> (chance: about 17% and 6%).</p>"
-        f"<figure><img src='{grid}'><figcaption>captions and samples</figcaption></figure>")
+        f"<p>On {quality['samples']} samples of single-shape captions in {html.escape(str(samples))} the oracle finds "
+        f"the caption's colour in <b>{quality['colour_accuracy']:.0%}</b> and its colour and shape together in "
+        f"<b>{quality['colour_and_shape_accuracy']:.0%}</b> (chance: about 17% and 6%).</p>")
     print(f"oracle: colour {quality['colour_accuracy']:.1%}, colour and shape {quality['colour_and_shape_accuracy']:.1%} "
           f"on {quality['samples']} samples")
     return 0

@@ -122,3 +122,8 @@ def test_a_token_manifest_from_before_members_reads_as_its_members(tmp_path):
     manifest = read_manifest(str(tmp_path / "a.tar"))
     assert manifest["members"]["image_tokens"] == {"dtype": "uint16", "shape": [64], "file": "image.npy", "max_value": 511}
     assert manifest["producer"]["weights_sha256"] == "c" * 64 and manifest["info"]["code_grids"] == [8]
+
+
+def test_writing_over_the_source_shards_is_refused(shapes):
+    with pytest.raises(ValueError, match="holds the source shards, which the outputs would replace"):
+        precompute(MeanColours("a" * 64), str(shapes), shapes, batch_size=8, num_workers=0, dist=ONE_RANK)

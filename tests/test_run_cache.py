@@ -2,14 +2,19 @@
 changes, continuing after trainer.max_steps is raised, refusing result-changing changes, and
 --from / --discard. Real `t2i run` processes over a tiny training stage interrupted after a checkpoint."""
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from pipeline.config import extendable, extendable_keys, load_config, operational, result_hash, result_view
 from pipeline.engine.checkpoint import committed, step_of
 from pipeline.launch.dag import load_pipeline
+from pipeline.registry import load_stage
+from pipeline.runs import run_stage
 
 PIPELINE = """
 name: p
@@ -121,7 +126,7 @@ def test_raising_max_steps_continues_a_finished_stage_and_reruns_its_dependents(
     assert (root / "second" / "final" / "model.safetensors").exists()
     # Lowering it below the last checkpoint cannot be done by continuing: refused.
     lower = _run(_pipeline(tmp_path, **{"trainer.max_steps": 7}))
-    assert lower.returncode == 2 and "trainer.max_steps cannot go below step 8, its last checkpoint" in lower.stderr
+    assert lower.returncode == 2 and "trainer.max_steps cannot go below step 8, which the run has reached" in lower.stderr
 
 
 def test_a_changed_result_key_is_refused_before_any_work_and_from_keeps_the_old_folder(tmp_path):
@@ -165,3 +170,30 @@ def test_submit_refuses_the_same_before_submitting_anything(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "model.width: 8 -> 16" in result.stderr
     assert f"t2i submit {path} --from first" in result.stderr and "#SBATCH" not in result.stdout
+
+
+def test_a_finished_run_without_checkpoints_cannot_continue_and_is_left_as_it_is(tmp_path):
+    assert _run(_pipeline(tmp_path)).returncode == 0
+    first = tmp_path / "runs" / "p" / "first"
+    shutil.rmtree(first / "checkpoints")  # deleted to save space
+    refused = _run(_pipeline(tmp_path, **{"trainer.max_steps": 8}))
+    assert refused.returncode == 2 and "the run finished at step 6 and holds no checkpoint to continue from" in refused.stderr
+    assert (first / ".t2i-complete").exists()
+
+
+def test_a_stage_run_by_hand_refuses_a_folder_holding_another_run(tmp_path):
+    overrides = [f"data.shards={tmp_path / 'shards'}", "data.resolution=32", "data.num_workers=0",
+                 f"trainer.out_dir={tmp_path / 'run'}", "trainer.max_steps=1"]
+    assert run_stage("shards", load_config(load_stage("shards").Config, None, [f"out_dir={tmp_path / 'shards'}", "count=8",
+                                                                                "resolution=32"])) == 0
+    toy = load_stage("tests.engine.toy_stage").Config
+    assert run_stage("tests.engine.toy_stage", load_config(toy, None, overrides)) == 0
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"holds a tests.engine.toy_stage run of other values of keys that change its "
+                                         r"result \(trainer.seed 0 -> 3\)"):
+        run_stage("tests.engine.toy_stage", load_config(toy, None, [*overrides, "trainer.seed=3"]))
+    with pytest.raises(ValueError, match="holds a run of stage 'tests.engine.toy_stage': write the 'shards' stage's"):
+        run_stage("shards", load_config(load_stage("shards").Config, None, [f"out_dir={tmp_path / 'run'}"]))
+    assert (tmp_path / "run" / "config.yaml").read_text() == config  # untouched
+    # More steps is no other result: the run continues.
+    assert run_stage("tests.engine.toy_stage", load_config(toy, None, [*overrides, "trainer.max_steps=2"])) == 0

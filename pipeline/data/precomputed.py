@@ -7,8 +7,8 @@ Each input shard NAME.tar becomes NAME.tar holding, per sample, `KEY.txt` (the c
 
 - `members`: name -> dtype, shape and file of each member;
 - `producer`: what made the values (`weights_sha256` of the encoder run's final weights, its
-  folder and stage, the tokenizer and caption length); a consumer names the run it needs, and
-  shards made by another are refused;
+  stage, the tokenizer and caption length); a consumer names the run it needs, and shards made by
+  another are refused;
 - `info`: facts about the values a consumer needs (the code grids and codebook size of token shards);
 - `statistics`: per float member, the count, mean and standard deviation of all its values (for
   latents, the scale factor comes from them);
@@ -163,8 +163,8 @@ def _upgrade_token_manifest(old: dict) -> dict:
     codes = sum(side ** 2 for side in old["code_grids"])
     return {"members": {"text_tokens": Member("uint16", (old["text_length"],), "text.npy").as_dict(),
                         "image_tokens": Member("uint16", (codes,), "image.npy", old["codebook_size"] - 1).as_dict()},
-            "producer": {"weights_sha256": old["autoencoder_sha256"], "run": old["autoencoder"],
-                         "stage": old["autoencoder_stage"], "tokenizer": old["tokenizer"], "text_length": old["text_length"]},
-            "info": {"code_grids": old["code_grids"], "codebook_size": old["codebook_size"]},
+            "producer": {"weights_sha256": old["autoencoder_sha256"], "stage": old["autoencoder_stage"],
+                         "tokenizer": old["tokenizer"], "text_length": old["text_length"]},
+            "info": {"code_grids": old["code_grids"], "codebook_size": old["codebook_size"], "autoencoder": old["autoencoder"]},
             "statistics": {}, **{key: old[key] for key in ("source_shards", "samples", "skipped")}}
 

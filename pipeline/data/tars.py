@@ -62,26 +62,28 @@ def expand_shards(pattern: str) -> list[str]:
     return urls
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
+    """Whether a shard URL is a file on this machine (a path or file:)."""
     return not re.match(r"^[a-z][a-z0-9+]*:", url) or url.startswith("file:")
 
 
-def _local_path(url: str) -> str:
+def local_path(url: str) -> str:
+    """The file path of a local shard URL."""
     return url[len("file:"):] if url.startswith("file:") else url
 
 
 def open_shard(url: str) -> IO[bytes]:
     """Opens a shard as a byte stream: local file, `pipe:CMD`, http(s), or any gopen scheme."""
-    if _is_local(url):
-        return open(_local_path(url), "rb")
+    if is_local(url):
+        return open(local_path(url), "rb")
     return webdataset.gopen(url, "rb")
 
 
 def _declared_sizes(url: str) -> int | None:
     """The sample count written beside a local shard: our `sizes.json` or img2dataset's `*_stats.json`."""
-    if not _is_local(url):
+    if not is_local(url):
         return None
-    path = _local_path(url)
+    path = local_path(url)
     folder, name = os.path.split(path)
     sizes_file = os.path.join(folder, "sizes.json")
     if os.path.exists(sizes_file):
@@ -129,7 +131,7 @@ def iter_raw_samples(url: str, skip: int = 0, headers_only: bool = False) -> Ite
     seen = 0
     try:
         # Counting keys of a local file can seek past member data; everything else streams.
-        mode = "r:*" if headers_only and _is_local(url) else "r|*"
+        mode = "r:*" if headers_only and is_local(url) else "r|*"
         with stream, tarfile.open(fileobj=stream, mode=mode) as tar:
             for member in tar:
                 if not member.isfile():

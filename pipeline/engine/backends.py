@@ -169,8 +169,8 @@ class AccelerateBackend(_Backend):
     def load(self, folder: Path) -> None:
         self.module.load_state_dict(safetensors.torch.load_file(folder / "model.safetensors"))
         state = torch.load(folder / "optimizer.pt", weights_only=True)
-        if "phases" not in state:  # written before tasks had phases: one optimizer
-            state["phases"] = {SINGLE_PHASE: {"optimizer": state["optimizer"], "scheduler": state["scheduler"]}}
+        if "phases" not in state:  # written before tasks had phases and parameter groups
+            state["phases"] = {SINGLE_PHASE: _regrouped(state, self.phases[SINGLE_PHASE], self.module)}
         for name, phase in self.phases.items():
             phase.optimizer.load_state_dict(state["phases"][name]["optimizer"])
             phase.scheduler.load_state_dict(state["phases"][name]["scheduler"])
@@ -179,6 +179,23 @@ class AccelerateBackend(_Backend):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return _full_precision(self.module.state_dict())
+
+
+def _regrouped(state: dict, phase: _Phase, task: nn.Module) -> dict:
+    """An optimizer and LR-schedule state of one parameter group over the task's trainable
+    parameters (checkpoints from before parameter groups) laid out for the phase's groups."""
+    old_order = [id(p) for p in task.parameters() if p.requires_grad]
+    groups = phase.optimizer.state_dict()["param_groups"]  # the new groups, with indices into new_order
+    new_order = [id(p) for group in phase.optimizer.param_groups for p in group["params"]]
+    (old_group,) = state["optimizer"]["param_groups"]
+    moved = {new_order.index(old_order[index]): value for index, value in state["optimizer"]["state"].items()}
+    hyper = {key: value for key, value in old_group.items() if key not in ("params", "weight_decay")}
+    scheduler = dict(state["scheduler"])
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+        if key in scheduler:
+            scheduler[key] = scheduler[key] * len(groups)
+    return {"optimizer": {"state": moved, "param_groups": [{**group, **hyper} for group in groups]},
+            "scheduler": scheduler}
 
 
 class DeepSpeedBackend(_Backend):
@@ -199,15 +216,17 @@ class DeepSpeedBackend(_Backend):
             "steps_per_print": 2**31 - 1,
         }
         phases = _phases(task, cfg)
-        if len(phases) > 1 and engine_cfg.zero_stage == 3:
-            raise ValueError("engine.zero_stage: a task with several phases trains with ZeRO stages 0-2")
+        self._dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[engine_cfg.precision]
+        if len(phases) > 1:
+            if engine_cfg.zero_stage == 3:
+                raise ValueError("engine.zero_stage: a task with several phases trains with ZeRO stages 0-2")
+            task.to(self._dtype)  # each engine casts its own phase only: the rest of the task (frozen parts) too
         for name, (parameters, module, optimizer) in phases.items():
             engine, _, _, scheduler = deepspeed.initialize(
                 model=module, optimizer=optimizer, config=config,
                 lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg)))
             self.phases[name] = _Phase(parameters, engine, engine.optimizer, scheduler)
         self.zero_stage = engine_cfg.zero_stage
-        self._dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[engine_cfg.precision]
 
     def micro_batch(self, phase: str, batch: dict, skip: Skip) -> dict | None:
         engine = self._activate(phase).model

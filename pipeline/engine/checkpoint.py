@@ -8,6 +8,7 @@ are deleted only after a newer one is committed, keeping the newest `keep`.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -36,6 +37,14 @@ def latest(root: Path) -> Path | None:
 
 def step_of(checkpoint: Path) -> int:
     return int(_FINAL.match(checkpoint.name).group(1))
+
+
+def finished_step(out: Path) -> int | None:
+    """The step at which the run in `out` exported its final weights (`final/`), or None when it has not."""
+    metrics = Path(out) / "final" / "metrics.json"
+    if not (Path(out) / "final" / "model.safetensors").exists():
+        return None
+    return json.loads(metrics.read_text())["step"] if metrics.exists() else 0
 
 
 class Checkpointer:

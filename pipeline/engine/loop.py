@@ -33,7 +33,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.data.loader import StreamingLoader
 from pipeline.engine.backends import make_backend
-from pipeline.engine.checkpoint import Checkpointer, latest, step_of
+from pipeline.engine.checkpoint import Checkpointer, finished_step, latest, step_of
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.distributed import DistInfo, any_rank, barrier, free_cores, setup, teardown
 from pipeline.engine.monitor import Monitor
@@ -61,14 +61,6 @@ class Preemption:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def finished_step(out: Path) -> int | None:
-    """The step at which the run in `out` exported its final weights, or None when it has not."""
-    metrics = out / "final" / "metrics.json"
-    if not (out / "final" / "model.safetensors").exists():
-        return None
-    return json.loads(metrics.read_text())["step"] if metrics.exists() else 0
 
 
 def exit_code(status: str) -> int:

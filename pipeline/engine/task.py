@@ -9,7 +9,9 @@ defaults, and a plain `nn.Module` is trained as a `Task` with every default:
   temperature, a KL weight) read the step here; a task may also constrain its weights here (CLIP
   clamps its logit scale).
 - `param_groups(weight_decay)`: the optimizer's parameter groups. By default weight decay applies
-  to weight matrices and convolution kernels only, never to biases, norms' gains and embeddings.
+  to weight matrices and convolution kernels only, never to biases, norms' gains and embeddings
+  (`nn.Embedding`, and the parameters a module names in its `no_weight_decay`, such as a
+  positional embedding or a codebook held as plain parameters).
 - `set_activation_checkpointing(on)`: recompute activations in the backward pass
   (`engine.activation_checkpointing`); by default a task cannot, and asking is an error.
 - `phases()`: the parts of the task updated in turn, each by its own optimizer, learning-rate
@@ -57,13 +59,15 @@ def task_method(model: nn.Module, name: str):
 
 def decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters in two groups: with `weight_decay` the weights of at least two
-    dimensions outside norms and embeddings, without it the rest (biases, gains, embeddings)."""
+    dimensions outside norms and embeddings, without it the rest (biases, gains, embeddings, and
+    the parameters a module lists in `no_weight_decay`)."""
     decay, no_decay = [], []
     for owner in module.modules():
-        for parameter in owner.parameters(recurse=False):
+        for name, parameter in owner.named_parameters(recurse=False):
             if not parameter.requires_grad:
                 continue
-            exempt = parameter.dim() < 2 or isinstance(owner, _NO_DECAY_MODULES)
+            exempt = (parameter.dim() < 2 or isinstance(owner, _NO_DECAY_MODULES)
+                      or name in getattr(owner, "no_weight_decay", ()))
             (no_decay if exempt else decay).append(parameter)
     return [group for group in ({"params": decay, "weight_decay": weight_decay},
                                 {"params": no_decay, "weight_decay": 0.0}) if group["params"]]

@@ -16,7 +16,8 @@ A pipeline YAML:
 Every stage's config is loaded and validated here, so a bad key anywhere stops the pipeline
 before its first stage starts. A job's hash covers what changes its result (`result_view`:
 operational keys such as launch resources, worker counts and log periods are left out) and its
-inputs' hashes: the same hash means the same outputs.
+inputs' hashes: the same hash means the same computation (with another world size, an operational
+setting, the global batch of data.batch_size per rank changes from there on).
 
 The run cache never destroys training. A stage's folder records the result-changing keys and
 inputs of the job it holds (`.t2i-run.json`). Against the job about to run, the folder is:
@@ -40,8 +41,17 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, config_hash, extendable_keys, load_config, result_hash, result_view
-from pipeline.engine.checkpoint import latest, step_of
+from pipeline.config import (
+    MISSING,
+    ConfigError,
+    changed_keys,
+    config_hash,
+    extendable_keys,
+    load_config,
+    result_hash,
+    result_view,
+)
+from pipeline.engine.checkpoint import finished_step, latest, step_of
 from pipeline.markers import COMPLETE_MARKER, LEGACY_STARTED_MARKER, RUN_RECORD
 from pipeline.registry import load_stage
 
@@ -117,13 +127,17 @@ class Job:
             return Folder.CONFLICT, f"  it {what}, so which of its keys differ cannot be told"
         if record["hash"] == self.hash:
             return Folder.RESUME, ""
-        changed = _changed_keys(record["result"], result_view(self.cfg))
+        changed = changed_keys(record["result"], result_view(self.cfg))
         growing = extendable_keys(self.cfg)
-        progress = _checkpoint_step(out)
+        checkpoint, finished = latest(out / "checkpoints"), finished_step(out)
+        progress = max(step_of(checkpoint) if checkpoint else 0, finished or 0)
         lowered = [key for key in changed if key in growing and changed[key][1] < progress]
+        lines = [f"    {key}: {_show(old)} -> {_show(new)}" for key, (old, new) in changed.items()]
         if any(key not in growing for key in changed) or lowered:
-            lines = [f"    {key}: {_show(old)} -> {_show(new)}" for key, (old, new) in changed.items()]
-            lines += [f"  {key} cannot go below step {progress}, its last checkpoint" for key in lowered]
+            lines += [f"  {key} cannot go below step {progress}, which the run has reached" for key in lowered]
+            return Folder.CONFLICT, "\n".join(lines)
+        if changed and finished is not None and checkpoint is None:
+            lines.append(f"  the run finished at step {finished} and holds no checkpoint to continue from")
             return Folder.CONFLICT, "\n".join(lines)
         if record["inputs"] != self.inputs:
             return Folder.INPUTS_CHANGED, ", ".join(sorted(key for key in self.inputs
@@ -187,29 +201,22 @@ def check_folders(jobs: list[Job], forced: set[str], command: str) -> None:
         checkpoint = latest(job.out_dir / "checkpoints")
         holds = f" It holds committed checkpoints up to step {step_of(checkpoint)}." if checkpoint else ""
         aside = job.out_dir.with_name(f"{job.out_dir.name}.old-N")
+        again = (f"start it again: {command} --from {job.name}   (its folder is kept as {aside}; "
+                 "--discard deletes it instead)")
+        if not (job.out_dir / RUN_RECORD).exists():
+            problems.append(f"stage {job.name!r}: {job.out_dir} holds files the runner did not write there:\n{detail}\n"
+                            f"  Nothing was changed. Move them away, or {again}.")
+            continue
         problems.append(
             f"stage {job.name!r} ({job.out_dir}) was run with other values of keys that change its result:\n"
-            f"{detail}\n {holds} Nothing was changed. Either\n"
-            f"    start it again: {command} --from {job.name}   (its folder is kept as {aside}; "
-            "--discard deletes it instead), or\n"
+            f"{detail}\n {holds} Nothing was changed. Either\n    {again}, or\n"
             "    restore the old values to continue it.")
     if problems:
         raise RunConflict("\n".join(problems))
 
 
-def _changed_keys(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-    missing = object()
-    return {key: (old.get(key, missing), new.get(key, missing)) for key in sorted(set(old) | set(new))
-            if old.get(key, missing) != new.get(key, missing)}
-
-
 def _show(value: Any) -> str:
-    return "(absent)" if not isinstance(value, (str, int, float, bool, list, dict, type(None))) else json.dumps(value)
-
-
-def _checkpoint_step(out: Path) -> int:
-    checkpoint = latest(out / "checkpoints")
-    return step_of(checkpoint) if checkpoint else 0
+    return value if value == MISSING else json.dumps(value)
 
 
 def _read(path: Path) -> str | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.engine.checkpoint import latest, step_of
 from pipeline.launch.config import LaunchConfig
-from pipeline.launch.dag import Job, check_folders, forced_stages, load_pipeline
+from pipeline.launch.dag import Job, RunConflict, check_folders, forced_stages, load_pipeline
 from pipeline.markers import COMPLETE_MARKER, PREEMPTED_MARKER
 
 JOBS_FILE = "jobs.json"
@@ -105,6 +105,7 @@ def submit(pipeline: str | Path, dry_run: bool = False, from_stage: str | None =
     workdir = Path.cwd().resolve()
     root = jobs[0].out_dir.parent
     record = _read_record(root)
+    _refuse_active(jobs, forced, record)
     submitted: dict[str, str] = {}
     for job in jobs:
         if job.name not in forced and job.is_complete():
@@ -135,6 +136,24 @@ def submit(pipeline: str | Path, dry_run: bool = False, from_stage: str | None =
     if not dry_run:
         _write_record(root, record)
     return 0
+
+
+_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+           "SUSPENDED", "RESIZING", "STAGE_OUT"}
+
+
+def _refuse_active(jobs: list[Job], forced: set[str], record: dict) -> None:
+    """Raises RunConflict when a stage about to be submitted still has a job queued or running
+    from an earlier submission: two jobs would write its folder (one of them perhaps moved away)."""
+    busy = []
+    for job in jobs:
+        if job.name in record and (job.name in forced or not job.is_complete()):
+            state = _job_state(record[job.name]["job"])[0]
+            if state in _ACTIVE:
+                busy.append(f"{job.name} (job {record[job.name]['job']}, {state})")
+    if busy:
+        raise RunConflict(f"stages still queued or running from an earlier submission: {', '.join(busy)}; wait for "
+                          "them, or cancel them (t2i cancel RUN), then submit again")
 
 
 def _read_record(root: Path) -> dict:

@@ -22,6 +22,7 @@ class TextEncoderConfig:
 class TextEncoder(nn.Module):
     """Tokens (B, L), L <= max_length, 0 = padding -> caption embedding (B, width): the mean of the
     Transformer's outputs at the non-padding positions, which padding never influences."""
+    no_weight_decay = ("positional_embedding",)  # an embedding, though not an nn.Embedding (engine/task.py)
 
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()

@@ -59,6 +59,7 @@ class VectorQuantizer(nn.Module):
     codebook: Tensor  # (K, D): a Parameter, or a buffer with ema
     cluster_size: Tensor  # (K,) N
     embed_sum: Tensor  # (K, D) m, with ema only
+    no_weight_decay = ("codebook",)  # code vectors, as embeddings are (engine/task.py)
 
     def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, ema: bool = False,
                  decay: float = 0.99, eps: float = 1e-5, dead_code_threshold: float = 1.0,

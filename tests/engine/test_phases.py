@@ -12,6 +12,7 @@ from pipeline.config import load_config
 from pipeline.engine.checkpoint import latest, step_of
 from pipeline.engine.loop import train
 from pipeline.engine.task import Task, decay_groups, phase_parameters
+from pipeline.models.text import TextEncoder, TextEncoderConfig
 from tests.engine import two_phase_stage
 from tests.engine.conftest import toy_overrides
 
@@ -76,9 +77,12 @@ def test_deepspeed_trains_the_phases_as_ddp_does_over_two_ranks_and_resumes_them
 
 
 class _Layers(Task):
+    no_weight_decay = ("position",)
+
     def __init__(self) -> None:
         super().__init__()
         self.embedding, self.norm, self.linear = nn.Embedding(5, 4), nn.LayerNorm(4), nn.Linear(4, 4)
+        self.position = nn.Parameter(torch.zeros(3, 4))  # an embedding held as a plain parameter
         self.frozen = nn.Linear(4, 4).requires_grad_(False)
 
 
@@ -87,9 +91,11 @@ def test_weight_decay_skips_biases_norms_and_embeddings_and_frozen_weights_train
     decay, no_decay = decay_groups(task, 0.1)
     assert decay == {"params": [task.linear.weight], "weight_decay": 0.1}
     assert {id(p) for p in no_decay["params"]} == {id(task.embedding.weight), id(task.norm.weight), id(task.norm.bias),
-                                                   id(task.linear.bias)}
-    assert phase_parameters(task) == {"train": [task.embedding.weight, task.norm.weight, task.norm.bias,
+                                                   id(task.linear.bias), id(task.position)}
+    assert phase_parameters(task) == {"train": [task.position, task.embedding.weight, task.norm.weight, task.norm.bias,
                                                 task.linear.weight, task.linear.bias]}  # not the frozen ones
+    text = TextEncoder(TextEncoderConfig())  # the models' own plain-parameter embeddings are declared
+    assert any(p is text.positional_embedding for p in decay_groups(text, 0.1)[1]["params"])
 
 
 class _Overlapping(Task):

@@ -1,5 +1,6 @@
 """The loop in one process: finishing, resuming after kill -9, preemption by signal."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from torch import nn
 from pipeline.config import load_config
 from pipeline.engine.checkpoint import latest, step_of
 from pipeline.engine.loop import train
-from pipeline.engine.task import Task
+from pipeline.engine.task import Task, decay_groups
 from pipeline.markers import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 from pipeline.runs import run_stage
 from tests.engine import toy_stage
@@ -171,3 +172,27 @@ def test_channels_last_puts_weights_and_image_batches_in_nhwc_and_saves_plain_we
     fresh.load_state_dict(weights)
     image = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(fresh.conv(image), models[0].conv(image.contiguous(memory_format=torch.channels_last)))
+
+
+def test_a_checkpoint_from_before_parameter_groups_resumes_exactly(shapes_shards, tmp_path):
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    assert _stage(toy_overrides(shapes_shards, straight, **{"trainer.max_steps": 4})).wait() == 0
+    assert _stage(toy_overrides(shapes_shards, old, **{"trainer.max_steps": 4, "trainer.save_every": 2})).wait() == 0
+    for leftover in (old / "final", old / "checkpoints" / "step-00000004"):
+        shutil.rmtree(leftover)
+    # Rewrite step 2's optimizer.pt as the loop wrote it before tasks had phases and parameter groups:
+    # one AdamW group over the model's trainable parameters, in their order.
+    path = old / "checkpoints" / "step-00000002" / "optimizer.pt"
+    state = torch.load(path, weights_only=True)["phases"]["train"]
+    model = toy_stage.ToyModel(toy_stage.ToyModelConfig(), 32)
+    grouped = [id(p) for group in decay_groups(model, 0.0) for p in group["params"]]
+    order = [grouped.index(id(p)) for p in model.parameters()]
+    group = {**state["optimizer"]["param_groups"][0], "params": list(range(len(order)))}
+    scheduler = {**state["scheduler"], "base_lrs": state["scheduler"]["base_lrs"][:1],
+                 "_last_lr": state["scheduler"]["_last_lr"][:1], "lr_lambdas": [None]}
+    torch.save({"optimizer": {"state": {i: state["optimizer"]["state"][j] for i, j in enumerate(order)},
+                              "param_groups": [group]}, "scheduler": scheduler, "scaler": None}, path)
+    resumed = _stage(toy_overrides(shapes_shards, old, **{"trainer.max_steps": 4}))
+    assert resumed.wait() == 0 and "(step 2)" in resumed.stdout.read()
+    expected, got = _weights(straight), _weights(old)
+    assert all(torch.equal(expected[key], got[key]) for key in expected)

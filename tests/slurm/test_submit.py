@@ -207,3 +207,14 @@ def test_resubmitting_with_more_time_and_steps_continues_and_a_changed_result_is
     assert (run / "after.old-1" / "final" / "model.safetensors").exists()  # trained on the 4-step model: kept
     refused = _t2i("submit", str(pipeline("trainer.max_steps=6, trainer.seed=5")))
     assert refused.returncode == 2 and "trainer.seed: 0 -> 5" in refused.stderr and "--from toy" in refused.stderr
+
+
+def test_submitting_again_while_the_stages_jobs_are_queued_or_running_is_refused(slurm_cluster, tmp_path):
+    stages = _data_stage() + _toy_stage("toy", ["data"], "trainer.max_steps=30, model.sleep_s=0.3")
+    pipeline = _write_pipeline(tmp_path / "busy.yaml", "busy", tmp_path / "runs", stages)
+    jobs = _submit(pipeline)
+    again = _t2i("submit", str(pipeline))
+    subprocess.run(["scancel", *jobs.values()], check=True)
+    _wait(jobs)
+    assert again.returncode == 2 and "still queued or running from an earlier submission" in again.stderr
+    assert f"toy (job {jobs['toy']}," in again.stderr and "submitted job" not in again.stdout

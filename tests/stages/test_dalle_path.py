@@ -47,7 +47,7 @@ def test_token_shards_hold_every_image_key_once_with_the_manifest(dalle_path):
     assert len(set(_keys(dalle_path / "tokens"))) == 90
     manifest = json.loads((dalle_path / "tokens" / "manifest.json").read_text())
     assert manifest["samples"] == {"00000.tar": 30, "00001.tar": 30, "00002.tar": 30}
-    assert manifest["info"] == {"code_grids": [8], "codebook_size": 512}
+    assert manifest["info"] == {"code_grids": [8], "codebook_size": 512, "autoencoder": str((dalle_path / "dvae").resolve())}
     assert len(manifest["producer"]["weights_sha256"]) == 64 and manifest["producer"]["stage"] == "dvae"
     assert manifest["members"] == {
         "text_tokens": {"dtype": "uint16", "shape": [16], "file": "text.npy", "max_value": 21},
@@ -238,3 +238,24 @@ def test_describe_counts_the_logits_and_each_backends_bytes_per_parameter():
     report = describe(dalle, accelerate)  # autocast: fp32 weights and gradients, whatever the precision
     assert report["weights_gib"] == report["gradients_gib"] == pytest.approx(report["parameters"] * 4 / 2 ** 30)
     assert report["optimizer_gib"] == pytest.approx(report["parameters"] * 8 / 2 ** 30)
+
+
+def test_t2i_sample_takes_its_options_from_the_config_and_its_flags_over_a_config_file(dalle_path, tmp_path):
+    from pipeline.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["sample", str(dalle_path / "prior"), "--captions", "a small red circle: the only one", "--out", str(out),
+                 "-c", "configs/sample/heldout.yaml", "images_per_caption=1", "dalle.top_k=4"]) == 0
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [record["caption"] for record in records] == ["a small red circle: the only one"]  # not heldout:24
+    used = load_config(sample.Config, out / "config.yaml")
+    assert used.dalle.top_k == 4 and used.dalle.guidance_scale == 2.0 and used.stage == ""
+
+
+def test_the_sample_stages_hash_leaves_out_what_cannot_change_its_samples():
+    from pipeline.config import result_hash
+
+    def digest(*overrides: str) -> str:
+        return result_hash(load_config(sample.Config, None, ["run=r", "captions=c", "out_dir=o", "stage=dalle", *overrides]))
+    assert digest("pixelcnn.top_k=3") == digest() == digest("candidates=9")  # another family; CLIP unused
+    assert digest("dalle.top_k=3") != digest() != digest("clip_checkpoint=m.pt")
