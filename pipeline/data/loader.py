@@ -26,6 +26,9 @@ Promises:
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal
@@ -242,8 +245,22 @@ def _sum_counters(states: Iterable[dict]) -> WorkerState:
     return total
 
 
+# How long a loader worker goes on serving after SIGTERM: SLURM (scancel, requeue, preemption) and
+# `kill -TERM -PGID` signal every process of a job, these workers too, while the main process
+# needs them until it has checkpointed at its next step boundary. A stuck worker still ends.
+WORKER_SIGNAL_GRACE_S = 120
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode in parallel processes; intra-op threads only contend
+    signal.signal(signal.SIGTERM, _leave_later)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # SLURM's time-limit warning is for the main process
+
+
+def _leave_later(signum: int, frame) -> None:
+    timer = threading.Timer(WORKER_SIGNAL_GRACE_S, os._exit, (1,))
+    timer.daemon = True
+    timer.start()
 
 
 class _EpochDataset(IterableDataset):

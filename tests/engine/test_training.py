@@ -1,5 +1,6 @@
 """The loop in one process: finishing, resuming after kill -9, preemption by signal."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -196,3 +197,26 @@ def test_a_checkpoint_from_before_parameter_groups_resumes_exactly(shapes_shards
     assert resumed.wait() == 0 and "(step 2)" in resumed.stdout.read()
     expected, got = _weights(straight), _weights(old)
     assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers_checkpoints_and_resumes(shapes_shards, tmp_path):
+    # What SLURM's requeue, preemption and scancel do: every process of the job gets SIGTERM, the
+    # loader workers too; the run must still checkpoint at its step boundary, not die with them.
+    out = tmp_path / "run"
+    args = toy_overrides(shapes_shards, out, **{"trainer.max_steps": 12, "trainer.save_every": 100,
+                                                "data.num_workers": 2, "model.sleep_s": 0.3})
+    process = _stage(args, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert process.poll() is None and time.time() < deadline, process.stdout.read()
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == PREEMPTED_EXIT_CODE, output
+    stopped = step_of(latest(out / "checkpoints"))
+    assert 3 <= stopped < 12 and (out / PREEMPTED_MARKER).exists()
+    resumed = _stage(toy_overrides(shapes_shards, out, **{"trainer.max_steps": 12, "data.num_workers": 2}))
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0 and f"(step {stopped})" in output, output
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))  # no step trained twice, none missing

@@ -102,9 +102,10 @@ def test_a_two_node_deepspeed_stage(slurm_cluster, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*/rank-*.pt")) == ["rank-0.pt", "rank-1.pt"]
 
 
-def test_a_requeued_stage_resumes_from_its_checkpoint_without_training_a_step_twice(slurm_cluster, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])  # requeue's SIGTERM reaches the loader workers too
+def test_a_requeued_stage_resumes_from_its_checkpoint_without_training_a_step_twice(slurm_cluster, tmp_path, workers):
     stages = _data_stage() + _toy_stage("toy", ["data"], "trainer.max_steps=24, trainer.save_every=1000, "
-                                                         "model.sleep_s=0.4")
+                                                         f"model.sleep_s=0.4, data.num_workers={workers}")
     pipeline = _write_pipeline(tmp_path / "rq.yaml", "rq", tmp_path / "runs", stages)
     jobs = _submit(pipeline)
     out = tmp_path / "runs" / "rq" / "toy"
