@@ -7,7 +7,7 @@ import logging
 import sys
 
 from pipeline.config import ConfigError, load_config
-from pipeline.markers import CONFIG_ERROR_EXIT_CODE
+from pipeline.markers import CONFIG_ERROR_EXIT_CODE, StageError
 
 
 def run_stage(stage: str, cfg) -> int:
@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"t2i: error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
+    except StageError as error:
+        print(f"t2i: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

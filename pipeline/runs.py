@@ -4,7 +4,6 @@ the one loader of a trained model from a finished run or from one of its checkpo
 `OUT/config.yaml` opens with `# t2i stage NAME`, so a run folder says which stage made it."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from typing import Any
 import safetensors.torch
 from torch import nn
 
+from pipeline.checksums import sha256_of
 from pipeline.config import ConfigError, changed_keys, dump_config, extendable_keys, load_config, result_view
 from pipeline.registry import load_stage, output_dir
 
@@ -103,10 +103,3 @@ def load_run(path: str | Path, stage: str | None = None) -> TrainedRun:
     model.load_state_dict(safetensors.torch.load_file(weights))
     return TrainedRun(model.eval(), cfg, stage, run, sha256_of(weights))
 
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -28,9 +28,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from pipeline.checksums import sha256_of
 from pipeline.data.samples import caption_of
 from pipeline.data.tars import RawSample, Skip, expand_shards
-from pipeline.runs import sha256_of
 
 MANIFEST = "manifest.json"
 _FLOAT16_MAX = 65504.0

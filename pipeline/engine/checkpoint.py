@@ -1,10 +1,13 @@
-"""Atomic, committed checkpoints under `OUT_DIR/checkpoints/`.
+"""Atomic, committed, verified checkpoints under `OUT_DIR/checkpoints/`.
 
-A checkpoint is written by all ranks into `.tmp-step-NNNNNNNN/`; once every rank is done, rank 0
-writes the `COMMITTED` marker inside it, last, and renames the folder to `step-NNNNNNNN/`. So a
-folder under a final name is always complete; a save killed part way leaves only a `.tmp-` folder,
-which the next save removes. Resume takes the newest folder that has the marker. Old checkpoints
-are deleted only after a newer one is committed, keeping the newest `keep`.
+A checkpoint is written by all ranks into `.tmp-step-NNNNNNNN/`; once every rank is done, the ranks
+hash its files between them and rank 0 writes the `COMMITTED` marker inside it, last, holding the
+sha256 and size of every file, and renames the folder to `step-NNNNNNNN/`. So a folder under a
+final name is always complete; a save killed part way leaves only a `.tmp-` folder, which the next
+save removes. Resume takes the newest committed folder whose files all match their checksums,
+checked before anything in it is loaded (or unpickled): a damaged one is reported by name, renamed
+`damaged-step-NNNNNNNN/` and passed over for the one before it. Old checkpoints are deleted only
+after a newer one is committed, keeping the newest `keep`.
 """
 from __future__ import annotations
 
@@ -15,10 +18,16 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from pipeline.engine.distributed import DistInfo, barrier
+from pipeline.checksums import sha256_of
+from pipeline.engine.distributed import DistInfo, all_gather, any_rank, barrier
+from pipeline.markers import StageError
 
 MARKER = "COMMITTED"
 _FINAL = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointDamaged(StageError):
+    """Every committed checkpoint of a run fails its checksums."""
 
 
 def committed(root: Path) -> list[Path]:
@@ -51,6 +60,44 @@ class Checkpointer:
     def __init__(self, root: Path, keep: int, dist: DistInfo) -> None:
         self.root, self.keep, self.dist = Path(root), keep, dist
 
+    def newest_intact(self) -> Path | None:
+        """The newest committed checkpoint whose files match the checksums in its marker (every rank
+        agreeing), or None when there is none. A damaged one is reported, renamed damaged-step-N and
+        passed over; CheckpointDamaged when every one is damaged. Checkpoints committed before
+        markers held checksums are taken as they are."""
+        damaged = []
+        for checkpoint in reversed(committed(self.root)):
+            problems = self._check(checkpoint)
+            if not problems:
+                if damaged and self.dist.is_main:
+                    print(f"resuming from {checkpoint}, the newest checkpoint that is intact", flush=True)
+                return checkpoint
+            damaged.append(checkpoint)
+            if self.dist.is_main:
+                aside = checkpoint.with_name(f"damaged-{checkpoint.name}")
+                print(f"checkpoint {checkpoint} is damaged ({'; '.join(problems)}): not loaded, kept as {aside}",
+                      flush=True)
+                os.replace(checkpoint, aside)
+            barrier()
+        if damaged:
+            raise CheckpointDamaged(f"every checkpoint in {self.root} is damaged (kept as damaged-step-N): "
+                                    "start the run again in another folder, or delete them to start it here")
+        return None
+
+    def _check(self, checkpoint: Path) -> list[str]:
+        """What is wrong with a checkpoint's files against its marker, hashed by the ranks in turn."""
+        try:
+            recorded = json.loads((checkpoint / MARKER).read_text())
+        except ValueError:
+            recorded = None
+        if not isinstance(recorded, dict):  # a marker from before checksums: nothing to check against
+            return []
+        files = sorted(recorded["files"])
+        mine = [f"{name}: {problem}" for name in files[self.dist.rank::self.dist.world_size]
+                if (problem := _problem(checkpoint / name, recorded["files"][name]))]
+        (bad,) = any_rank(bool(mine))
+        return sorted(problem for problems in all_gather(mine) for problem in problems) if bad else []
+
     def save(self, step: int, write: Callable[[Path], None]) -> Path:
         """Has every rank call `write(folder)`, then commits the folder as checkpoint `step`."""
         temporary = self.root / f".tmp-step-{step:08d}"
@@ -61,8 +108,12 @@ class Checkpointer:
         barrier()
         write(temporary)
         barrier()
+        names = sorted(str(path.relative_to(temporary)) for path in temporary.rglob("*") if path.is_file())
+        mine = {name: {"sha256": sha256_of(temporary / name), "size": (temporary / name).stat().st_size}
+                for name in names[self.dist.rank::self.dist.world_size]}  # the ranks hash the files in turn
+        files = {name: entry for part in all_gather(mine) for name, entry in part.items()}
         if self.dist.is_main:
-            _write_synced(temporary / MARKER, f"{step}\n")
+            _write_synced(temporary / MARKER, json.dumps({"step": step, "files": files}, indent=1))
             if final.exists():  # a checkpoint of the same step from a run that did not get further
                 shutil.rmtree(final)
             os.replace(temporary, final)
@@ -79,6 +130,17 @@ class Checkpointer:
         for path in self.root.iterdir():
             if path.name.startswith(".tmp-step-"):
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def _problem(path: Path, recorded: dict) -> str | None:
+    """Why a checkpoint file does not match its recorded size and sha256, or None when it does."""
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size != recorded["size"]:
+        return f"{path.stat().st_size} bytes, {recorded['size']} were written"
+    if sha256_of(path) != recorded["sha256"]:
+        return "its contents changed since it was written (checksum)"
+    return None
 
 
 def _write_synced(path: Path, text: str) -> None:

@@ -71,6 +71,15 @@ def any_rank(*flags: bool) -> list[bool]:
     return [bool(value) for value in tensor.tolist()]
 
 
+def all_gather(value):
+    """Every rank's `value` (picklable), in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

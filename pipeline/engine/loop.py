@@ -118,7 +118,7 @@ class _Run:
                     "loader": self.loader.state_dict(), "rng": _rng_state()}, folder / f"rank-{self.dist.rank}.pt")
 
     def _resume(self) -> None:
-        checkpoint = latest(self.out / "checkpoints")
+        checkpoint = self.checkpointer.newest_intact()
         if checkpoint is None:
             return
         states = sorted(checkpoint.glob("rank-*.pt"), key=lambda path: int(path.stem.split("-")[1]))

@@ -1,9 +1,11 @@
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.engine.checkpoint import MARKER, Checkpointer, committed, latest, step_of
+from pipeline.checksums import sha256_of
+from pipeline.engine.checkpoint import MARKER, CheckpointDamaged, Checkpointer, committed, latest, step_of
 from pipeline.engine.distributed import DistInfo
 
 ONE_PROCESS = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -52,3 +54,40 @@ def test_retention_keeps_the_newest(tmp_path):
     for step in (1, 2, 3, 4):
         checkpoints.save(step, _writer(step))
     assert [path.name for path in committed(tmp_path)] == ["step-00000003", "step-00000004"]
+
+
+def test_the_marker_records_every_files_size_and_checksum(tmp_path):
+    folder = Checkpointer(tmp_path, keep=2, dist=ONE_PROCESS).save(3, _writer(3))
+    recorded = json.loads((folder / MARKER).read_text())
+    assert recorded["step"] == 3 and set(recorded["files"]) == {"rank-0.pt"}
+    assert recorded["files"]["rank-0.pt"] == {"sha256": sha256_of(folder / "rank-0.pt"),
+                                              "size": (folder / "rank-0.pt").stat().st_size}
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "empty", "missing"])
+def test_a_damaged_checkpoint_is_passed_over_for_the_one_before_it(tmp_path, capsys, damage):
+    checkpoints = Checkpointer(tmp_path, keep=3, dist=ONE_PROCESS)
+    checkpoints.save(1, _writer(1))
+    newest = checkpoints.save(2, _writer(2))
+    data = (newest / "rank-0.pt").read_bytes()
+    if damage == "missing":
+        (newest / "rank-0.pt").unlink()
+    else:
+        (newest / "rank-0.pt").write_bytes({"flipped": data[:-8] + bytes(8), "truncated": data[:20], "empty": b""}[damage])
+    assert checkpoints.newest_intact() == tmp_path / "step-00000001"
+    printed = capsys.readouterr().out
+    assert f"checkpoint {newest} is damaged (rank-0.pt: " in printed and (tmp_path / "damaged-step-00000002").exists()
+    assert latest(tmp_path) == tmp_path / "step-00000001"  # never again in the way
+
+
+def test_when_every_checkpoint_is_damaged_the_run_stops_with_a_clear_error(tmp_path):
+    checkpoints = Checkpointer(tmp_path, keep=3, dist=ONE_PROCESS)
+    (checkpoints.save(1, _writer(1)) / "rank-0.pt").write_bytes(b"")
+    with pytest.raises(CheckpointDamaged, match="every checkpoint in .* is damaged"):
+        checkpoints.newest_intact()
+
+
+def test_a_checkpoint_from_before_checksums_is_taken_as_it_is(tmp_path):
+    folder = Checkpointer(tmp_path, keep=3, dist=ONE_PROCESS).save(4, _writer(4))
+    (folder / MARKER).write_text("4\n")
+    assert Checkpointer(tmp_path, keep=3, dist=ONE_PROCESS).newest_intact() == folder

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.config import load_config
-from pipeline.engine.checkpoint import latest, step_of
+from pipeline.engine.checkpoint import committed, latest, step_of
 from pipeline.engine.loop import train
 from pipeline.engine.task import Task, decay_groups
 from pipeline.markers import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
@@ -193,6 +193,7 @@ def test_a_checkpoint_from_before_parameter_groups_resumes_exactly(shapes_shards
                  "_last_lr": state["scheduler"]["_last_lr"][:1], "lr_lambdas": [None]}
     torch.save({"optimizer": {"state": {i: state["optimizer"]["state"][j] for i, j in enumerate(order)},
                               "param_groups": [group]}, "scheduler": scheduler, "scaler": None}, path)
+    (path.parent / "COMMITTED").write_text("2\n")  # that loop's marker held no checksums either
     resumed = _stage(toy_overrides(shapes_shards, old, **{"trainer.max_steps": 4}))
     assert resumed.wait() == 0 and "(step 2)" in resumed.stdout.read()
     expected, got = _weights(straight), _weights(old)
@@ -220,3 +221,35 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_checkpoints_and_
     assert resumed.returncode == 0 and f"(step {stopped})" in output, output
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))  # no step trained twice, none missing
+
+
+class _Canary:
+    """A pickle that, once loaded, creates a file: what a malicious checkpoint would run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.mark.parametrize("backend", ["accelerate", "deepspeed"])
+def test_a_damaged_newest_checkpoint_is_never_loaded_and_the_run_resumes_from_the_one_before(shapes_shards, tmp_path,
+                                                                                               backend):
+    out, canary = tmp_path / "run", tmp_path / "canary"
+    common = {"trainer.max_steps": 6, "engine.backend": backend, "trainer.keep_checkpoints": 3}
+    stopped = _stage(toy_overrides(shapes_shards, out, **common, **{"trainer.save_every": 2, "model.signal_at_call": 5}))
+    assert stopped.wait() == PREEMPTED_EXIT_CODE, stopped.stdout.read()
+    assert [step_of(path) for path in committed(out / "checkpoints")] == [2, 4, 5]
+    newest = out / "checkpoints" / "step-00000005"
+    if backend == "accelerate":  # flipped bytes in the weights, which load without complaint
+        weights = (newest / "model.safetensors").read_bytes()
+        (newest / "model.safetensors").write_bytes(weights[:-16] + bytes(16))
+    else:  # a pickle in place of DeepSpeed's model states, which it would unpickle
+        torch.save(_Canary(canary), newest / "deepspeed" / "mp_rank_00_model_states.pt")
+    resumed = _stage(toy_overrides(shapes_shards, out, **common))
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0, output
+    assert f"checkpoint {newest} is damaged (" in output and "(step 4)" in output
+    assert not canary.exists() and (out / "checkpoints" / "damaged-step-00000005").exists()
+    assert json.loads((out / "final" / "metrics.json").read_text())["step"] == 6
