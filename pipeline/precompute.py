@@ -32,6 +32,7 @@ from pipeline.data.samples import collate, image_sample
 from pipeline.data.tars import Skip, expand_shards, is_local, iter_raw_samples, local_path, whole_second_mtime
 from pipeline.data.text import make_tokenizer
 from pipeline.engine.distributed import DistInfo, barrier
+from pipeline.files import write_json
 
 
 class Encoder(Protocol):
@@ -163,7 +164,7 @@ class _OutputShard:
     def finish(self, skipped: dict) -> None:
         self.tar.close()
         os.replace(_temporary(self.out, self.name), self.out / self.name)
-        _write_json(_stats_path(self.out, self.name), {
+        write_json(_stats_path(self.out, self.name), {
             "successes": self.count, "skipped": skipped, "source": self.source, "made_by": self.made_by,
             "moments": {name: dict(zip(("count", "sum", "sum_of_squares"), moments)) for name, moments in self.moments.items()}})
 
@@ -179,8 +180,8 @@ def _finished(out: Path, name: str, made_by: dict) -> bool:
 
 def _write_manifest(out: Path, urls: list[str], names: list[str], encoder: Encoder) -> None:
     stats = {name: json.loads(_stats_path(out, name).read_text()) for name in names}
-    _write_json(out / "sizes.json", {name: entry["successes"] for name, entry in stats.items()})
-    _write_json(out / MANIFEST, {
+    write_json(out / "sizes.json", {name: entry["successes"] for name, entry in stats.items()})
+    write_json(out / MANIFEST, {
         "members": {name: member.as_dict() for name, member in encoder.members.items()},
         "producer": encoder.producer, "info": encoder.info, "statistics": _statistics(stats.values()),
         "source_shards": urls, "samples": {name: entry["successes"] for name, entry in stats.items()},
@@ -209,8 +210,3 @@ def _stats_path(out: Path, name: str) -> Path:
 def _temporary(out: Path, name: str) -> Path:
     return out / f".{name}.tmp"
 
-
-def _write_json(path: Path, value: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=1))
-    os.replace(temporary, path)

@@ -14,8 +14,8 @@ from typing import Any
 import safetensors.torch
 from torch import nn
 
-from pipeline.checksums import sha256_of
 from pipeline.config import ConfigError, changed_keys, dump_config, extendable_keys, load_config, result_view
+from pipeline.files import sha256_of
 from pipeline.registry import load_stage, output_dir
 
 CONFIG_FILE = "config.yaml"

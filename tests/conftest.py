@@ -1,4 +1,6 @@
 import io
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -45,3 +47,15 @@ def make_shards(tmp_path):
             paths.append(str(write_tar(root / f"{shard:05d}.tar", members)))
         return paths
     return make
+
+
+def t2i_run(path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`t2i run PIPELINE ARGS` in its own process."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def stages_started(result: subprocess.CompletedProcess, pipeline: str = "p") -> list[str]:
+    """The stages a `t2i run` of pipeline `pipeline` started, in order (from its "log" lines)."""
+    return [line.split()[1].rstrip(":") for line in result.stdout.splitlines()
+            if line.startswith(f"[{pipeline}] ") and line.endswith("log.txt") and " log " in line]

@@ -11,10 +11,10 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from pipeline.checksums import sha256_of
 from pipeline.data.loader import DataConfig, StreamingLoader
 from pipeline.data.precomputed import Member, read_manifest, require
 from pipeline.engine.distributed import DistInfo
+from pipeline.files import sha256_of
 from pipeline.precompute import precompute
 from stages.shards import ShardsConfig, build
 

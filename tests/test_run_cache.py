@@ -15,6 +15,7 @@ from pipeline.engine.checkpoint import committed, step_of
 from pipeline.launch.dag import load_pipeline
 from pipeline.registry import load_stage
 from pipeline.runs import run_stage
+from tests.conftest import stages_started, t2i_run
 
 PIPELINE = """
 name: p
@@ -41,16 +42,6 @@ def _pipeline(tmp_path: Path, **first: object) -> Path:
     path = tmp_path / "pipeline.yaml"
     path.write_text(PIPELINE.format(out=tmp_path / "runs", first=", ".join(f"{k}={v}" for k, v in values.items())))
     return path
-
-
-def _run(path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path), *args],
-                          capture_output=True, text=True, timeout=600)
-
-
-def _started(result: subprocess.CompletedProcess) -> list[str]:
-    return [line.split()[1].rstrip(":") for line in result.stdout.splitlines()
-            if line.startswith("[p] ") and line.endswith("log.txt") and " log " in line]
 
 
 def _steps(folder: Path) -> list[int]:
@@ -96,13 +87,13 @@ def test_a_training_stage_config_marks_launch_workers_threads_timeouts_and_perio
 
 def test_operational_changes_resume_a_stopped_stage_from_its_checkpoint(tmp_path):
     # Preempted after step 3 (SIGUSR1 during its forward pass): checkpoints 2 and 3, then exit 75.
-    stopped = _run(_pipeline(tmp_path, **{"model.signal_at_call": 3}))
+    stopped = t2i_run(_pipeline(tmp_path, **{"model.signal_at_call": 3}))
     first = tmp_path / "runs" / "p" / "first"
     assert stopped.returncode == 75 and _checkpoints(first) == [2, 3], stopped.stdout + stopped.stderr
     # Another worker count, launch resources, log period and no signal: the same run, resumed.
-    resumed = _run(_pipeline(tmp_path, **{"data.num_workers": 2, "launch.time": "'48:00:00'", "trainer.log_every": 2}))
+    resumed = t2i_run(_pipeline(tmp_path, **{"data.num_workers": 2, "launch.time": "'48:00:00'", "trainer.log_every": 2}))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert _started(resumed) == ["first", "second"]
+    assert stages_started(resumed) == ["first", "second"]
     log = (first / "log.txt").read_text()
     assert f"resumed from {first / 'checkpoints' / 'step-00000003'} (step 3)" in log
     assert "re-planned the rest of epoch 0 for workers 1 -> 2" in log  # the loader's streams follow the workers
@@ -111,11 +102,11 @@ def test_operational_changes_resume_a_stopped_stage_from_its_checkpoint(tmp_path
 
 
 def test_raising_max_steps_continues_a_finished_stage_and_reruns_its_dependents(tmp_path):
-    assert _run(_pipeline(tmp_path)).returncode == 0
+    assert t2i_run(_pipeline(tmp_path)).returncode == 0
     root = tmp_path / "runs" / "p"
-    longer = _run(_pipeline(tmp_path, **{"trainer.max_steps": 8}))
+    longer = t2i_run(_pipeline(tmp_path, **{"trainer.max_steps": 8}))
     assert longer.returncode == 0, longer.stdout + longer.stderr
-    assert _started(longer) == ["first", "second"]
+    assert stages_started(longer) == ["first", "second"]
     assert "first: continues from its last checkpoint (trainer.max_steps 6 -> 8)" in longer.stdout
     assert f"resumed from {root / 'first' / 'checkpoints' / 'step-00000006'} (step 6)" in (root / "first" / "log.txt").read_text()
     assert _steps(root / "first") == list(range(1, 9)) and _checkpoints(root / "first") == [6, 8]
@@ -125,30 +116,30 @@ def test_raising_max_steps_continues_a_finished_stage_and_reruns_its_dependents(
     assert (root / "second.old-1" / "final" / "model.safetensors").exists()
     assert (root / "second" / "final" / "model.safetensors").exists()
     # Lowering it below the last checkpoint cannot be done by continuing: refused.
-    lower = _run(_pipeline(tmp_path, **{"trainer.max_steps": 7}))
+    lower = t2i_run(_pipeline(tmp_path, **{"trainer.max_steps": 7}))
     assert lower.returncode == 2 and "trainer.max_steps cannot go below step 8, which the run has reached" in lower.stderr
 
 
 def test_a_changed_result_key_is_refused_before_any_work_and_from_keeps_the_old_folder(tmp_path):
-    assert _run(_pipeline(tmp_path, **{"model.signal_at_call": 3})).returncode == 75
+    assert t2i_run(_pipeline(tmp_path, **{"model.signal_at_call": 3})).returncode == 75
     root = tmp_path / "runs" / "p"
     before = sorted(path.name for path in (root / "first").rglob("*"))
     path = _pipeline(tmp_path, **{"trainer.seed": 1, "optim.lr": 0.01})
-    refused = _run(path)
-    assert refused.returncode == 2 and _started(refused) == []
+    refused = t2i_run(path)
+    assert refused.returncode == 2 and stages_started(refused) == []
     message = refused.stderr
     assert f"stage 'first' ({root / 'first'}) was run with other values of keys that change its result" in message
     assert "optim.lr: 0.001 -> 0.01" in message and "trainer.seed: 0 -> 1" in message
     assert "committed checkpoints up to step 3" in message and f"t2i run {path} --from first" in message
     assert sorted(path.name for path in (root / "first").rglob("*")) == before  # nothing touched
 
-    again = _run(path, "--from", "first")
+    again = t2i_run(path, "--from", "first")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert _started(again) == ["first", "second"]
+    assert stages_started(again) == ["first", "second"]
     assert _checkpoints(root / "first.old-1") == [2, 3]  # the old run, whole
     assert _steps(root / "first") == list(range(1, 7))  # started again from step 1
 
-    discarded = _run(path, "--from", "first", "--discard")
+    discarded = t2i_run(path, "--from", "first", "--discard")
     assert discarded.returncode == 0 and f"deleted {root / 'first'} (--discard)" in discarded.stdout
     assert not (root / "first.old-2").exists() and (root / "first.old-1").exists()
 
@@ -158,13 +149,13 @@ def test_a_folder_not_written_by_the_runner_is_refused(tmp_path):
     mine = tmp_path / "runs" / "p" / "data"
     mine.mkdir(parents=True)
     (mine / "precious.txt").write_text("a user's file")
-    refused = _run(path)
+    refused = t2i_run(path)
     assert refused.returncode == 2 and "it was not written by t2i run" in refused.stderr
     assert (mine / "precious.txt").read_text() == "a user's file"
 
 
 def test_submit_refuses_the_same_before_submitting_anything(tmp_path):
-    assert _run(_pipeline(tmp_path, **{"model.signal_at_call": 3})).returncode == 75
+    assert t2i_run(_pipeline(tmp_path, **{"model.signal_at_call": 3})).returncode == 75
     path = _pipeline(tmp_path, **{"model.width": 16})
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", str(path), "--dry-run"],
                             capture_output=True, text=True, timeout=120)
@@ -173,10 +164,10 @@ def test_submit_refuses_the_same_before_submitting_anything(tmp_path):
 
 
 def test_a_finished_run_without_checkpoints_cannot_continue_and_is_left_as_it_is(tmp_path):
-    assert _run(_pipeline(tmp_path)).returncode == 0
+    assert t2i_run(_pipeline(tmp_path)).returncode == 0
     first = tmp_path / "runs" / "p" / "first"
     shutil.rmtree(first / "checkpoints")  # deleted to save space
-    refused = _run(_pipeline(tmp_path, **{"trainer.max_steps": 8}))
+    refused = t2i_run(_pipeline(tmp_path, **{"trainer.max_steps": 8}))
     assert refused.returncode == 2 and "the run finished at step 6 and holds no checkpoint to continue from" in refused.stderr
     assert (first / ".t2i-complete").exists()
 

@@ -13,6 +13,7 @@ import pytest
 from pipeline.config import ConfigError
 from pipeline.launch.dag import load_pipeline
 from pipeline.launch.local import chain_lengths, copy_output, core_slots
+from tests.conftest import stages_started, t2i_run
 
 two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores")
 
@@ -42,35 +43,25 @@ def _write(tmp_path: Path, steps: int = 3, name: str = "p") -> Path:
     return path
 
 
-def _run(path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path), *args],
-                          capture_output=True, text=True, timeout=600)
-
-
-def _ran(result: subprocess.CompletedProcess) -> list[str]:
-    return [line.split()[1].rstrip(":") for line in result.stdout.splitlines()
-            if line.startswith("[p] ") and line.endswith(".txt") and " log " in line]
-
-
 def test_the_runner_skips_complete_stages_and_reruns_a_changed_one_and_its_dependents(tmp_path):
     path = _write(tmp_path)
-    first = _run(path)
+    first = t2i_run(path)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert _ran(first) == ["data", "first", "second"]
+    assert stages_started(first) == ["data", "first", "second"]
     root = tmp_path / "runs" / "p"
     assert (root / "second" / "final" / "model.safetensors").exists()
     report = (root / "report.html").read_text()
     assert all(f"<h2>{stage} " in report for stage in ("data", "first", "second")) and "<svg" in report
 
-    again = _run(path)
-    assert _ran(again) == [] and again.stdout.count("complete, skipped") == 3
+    again = t2i_run(path)
+    assert stages_started(again) == [] and again.stdout.count("complete, skipped") == 3
 
-    changed = _run(_write(tmp_path, steps=4))
-    assert _ran(changed) == ["first", "second"]  # data's config is unchanged
+    changed = t2i_run(_write(tmp_path, steps=4))
+    assert stages_started(changed) == ["first", "second"]  # data's config is unchanged
     assert (root / "first" / "final" / "metrics.json").read_text().count('"step": 4')
 
-    forced = _run(path, "--from", "second")
-    assert _ran(forced) == ["second"]
+    forced = t2i_run(path, "--from", "second")
+    assert stages_started(forced) == ["second"]
 
 
 def test_a_failing_stage_stops_the_run_and_names_its_log(tmp_path):
@@ -79,10 +70,10 @@ def test_a_failing_stage_stops_the_run_and_names_its_log(tmp_path):
                     .replace("data.num_workers=0,\n                trainer.max_steps=3",
                              "data.num_workers=0,\n                trainer.max_steps=3, model.nan_at_call=1, "
                              "model.nan_on_rank=0, trainer.max_nonfinite_skips=1"))
-    result = _run(path)
+    result = t2i_run(path)
     log = tmp_path / "runs" / "p" / "first" / "log.txt"
     assert result.returncode != 0 and f"first: FAILED with exit code 1; log: {log}" in result.stderr
-    assert "NonFiniteLoss" in log.read_text() and _ran(result) == ["data", "first"]
+    assert "NonFiniteLoss" in log.read_text() and stages_started(result) == ["data", "first"]
 
 
 def test_a_bad_key_in_any_stage_stops_the_pipeline_before_it_starts(tmp_path):
@@ -91,7 +82,7 @@ def test_a_bad_key_in_any_stage_stops_the_pipeline_before_it_starts(tmp_path):
                                                                                      "trainer.max_step=2"))
     with pytest.raises(ConfigError, match=r"unknown key 'trainer.max_step' \(did you mean 'trainer.max_steps'\?\)"):
         load_pipeline(path)
-    assert _run(path).returncode == 2 and not (tmp_path / "runs").exists()
+    assert t2i_run(path).returncode == 2 and not (tmp_path / "runs").exists()
 
 
 PROBES = """
@@ -110,7 +101,7 @@ def _probes(tmp_path: Path, *args: str) -> tuple[dict[str, dict], str]:
     """Each probe's record, and what the runner printed."""
     path = tmp_path / "pipeline.yaml"
     path.write_text(PROBES.format(out=tmp_path / "runs"))
-    result = _run(path, *args)
+    result = t2i_run(path, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     return {stage: json.loads((tmp_path / "runs" / "p" / stage / "probe.json").read_text())
             for stage in ("side", "a", "b", "last", "final")}, result.stdout
@@ -165,7 +156,7 @@ stages:
 def test_after_a_failure_the_running_stages_finish_and_no_new_one_starts(tmp_path):
     path = tmp_path / "pipeline.yaml"
     path.write_text(SIDE_BY_SIDE.format(out=tmp_path / "runs", a_sleep=1, a_exit=3, b_sleep=8))
-    result = _run(path, "--jobs", "2")
+    result = t2i_run(path, "--jobs", "2")
     root = tmp_path / "runs" / "p"
     assert result.returncode == 3 and f"a: FAILED with exit code 3; log: {root / 'a' / 'log.txt'}" in result.stderr
     assert "waiting for the 1 stage(s) still running; no new stage starts" in result.stderr

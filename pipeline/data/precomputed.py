@@ -28,9 +28,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from pipeline.checksums import sha256_of
 from pipeline.data.samples import caption_of
 from pipeline.data.tars import RawSample, Skip, expand_shards
+from pipeline.files import sha256_of
 
 MANIFEST = "manifest.json"
 _FLOAT16_MAX = 65504.0
@@ -135,7 +135,7 @@ def require(shards: str, members: Iterable[str], producer_run: str | Path | None
     folder = manifest_path(shards).parent
     missing = sorted(set(members) - set(manifest["members"]))
     if missing:
-        held = ", ".join(f"{name} {Member(**_member_args(spec)).describe()}" for name, spec in manifest["members"].items())
+        held = ", ".join(f"{name} {member.describe()}" for name, member in members_of(manifest).items())
         raise ValueError(f"the shards in {folder} hold {held}; this stage needs {', '.join(missing)} too")
     if producer_run is not None:
         weights = Path(producer_run) / "final" / "model.safetensors"
@@ -153,10 +153,6 @@ def split_codes(codes: torch.Tensor, grids: list[int]) -> list[torch.Tensor]:
     """Token shards' image_tokens (B, sum of side ** 2), every grid of the autoencoder flattened in
     raster order and concatenated (VQ-VAE-2: top, then bottom) -> one (B, side, side) grid per side."""
     return [part.view(-1, side, side) for part, side in zip(codes.split([side ** 2 for side in grids], 1), grids)]
-
-
-def _member_args(spec: dict) -> dict:
-    return {"dtype": spec["dtype"], "shape": tuple(spec["shape"]), "file": spec["file"], "max_value": spec.get("max_value")}
 
 
 def _upgrade_token_manifest(old: dict) -> dict:

@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from pipeline.checksums import sha256_of
 from pipeline.engine.distributed import DistInfo, all_gather, any_rank, barrier
+from pipeline.files import sha256_of
 from pipeline.markers import StageError
 
 MARKER = "COMMITTED"

@@ -52,6 +52,7 @@ from pipeline.config import (
     result_view,
 )
 from pipeline.engine.checkpoint import finished_step, latest, step_of
+from pipeline.files import write_json
 from pipeline.markers import COMPLETE_MARKER, LEGACY_STARTED_MARKER, RUN_RECORD
 from pipeline.registry import load_stage
 
@@ -160,7 +161,7 @@ class Job:
             raise RunConflict(f"stage {self.name!r}: {self.out_dir} holds another run:\n{detail}")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / COMPLETE_MARKER).unlink(missing_ok=True)
-        _write_json(self.out_dir / RUN_RECORD, self.record())
+        write_json(self.out_dir / RUN_RECORD, self.record())
         return note
 
     def mark_complete(self) -> None:
@@ -181,7 +182,7 @@ class Job:
         started = _read(self.out_dir / LEGACY_STARTED_MARKER)
         if started is None or started != self.legacy_hash or (self.out_dir / RUN_RECORD).exists():
             return
-        _write_json(self.out_dir / RUN_RECORD, self.record())
+        write_json(self.out_dir / RUN_RECORD, self.record())
         if _read(self.out_dir / COMPLETE_MARKER) == self.legacy_hash:
             self.mark_complete()
         (self.out_dir / LEGACY_STARTED_MARKER).unlink()
@@ -222,11 +223,6 @@ def _show(value: Any) -> str:
 def _read(path: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
-
-def _write_json(path: Path, value: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=1))
-    os.replace(temporary, path)
 
 
 def load_pipeline(path: str | os.PathLike, extra_overrides: dict[str, list[str]] | None = None) -> tuple[str, list[Job]]:

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checksums import sha256_of
 from pipeline.engine.checkpoint import MARKER, CheckpointDamaged, Checkpointer, committed, latest, step_of
 from pipeline.engine.distributed import DistInfo
+from pipeline.files import sha256_of
 
 ONE_PROCESS = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
