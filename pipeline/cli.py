@@ -103,6 +103,8 @@ def _describe(args: argparse.Namespace) -> int:
     from pipeline.describe import describe, format_report
     from pipeline.registry import load_stage
 
+    if not Path(args.config).is_file():  # before the stage named by its folder: that name means nothing then
+        raise FileNotFoundError(f"{args.config}: no such config file")
     stage = args.stage or Path(args.config).parent.name
     module = load_stage(stage)
     # describing needs no data, output folder or input stages

@@ -13,6 +13,9 @@ Promises:
   counts, timeouts, log and save periods), never what it computes: `result_view` and `result_hash`
   leave it out, as they leave out what a config's `unused_keys()` names. A field declared with `extendable(...)` (`trainer.max_steps`) changes the result, but
   raising it continues a run from its checkpoints instead of starting it again.
+- Every number is checked against the `Range` its type declares (pipeline/ranges.py: `lr:
+  PositiveFloat`, `channel_mult: list[PositiveInt]`), and every float must be finite: a value out of
+  range is a `ConfigError` naming the key, its source and the range, before any dataclass is built.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from pipeline.ranges import FieldError, range_of
 
 T = TypeVar("T")
 Key = tuple[Any, ...]  # a path into the config: field names and dict keys (str), list indices (int)
@@ -179,7 +185,7 @@ def _init_fields(cls: Any) -> list[dataclasses.Field]:
 
 def _defaults(schema: type) -> dict:
     """The schema's defaults as plain data; a required nested dataclass contributes its own."""
-    hints = get_type_hints(schema)
+    hints = get_type_hints(schema, include_extras=True)
     out: dict = {}
     for f in _init_fields(schema):
         if f.default is not dataclasses.MISSING:
@@ -263,7 +269,7 @@ class _Resolver:
         """An instance of dataclass `cls` from mapping `raw`, validated."""
         if not isinstance(raw, Mapping):
             raise self.wrong_type(raw, shown or cls, key)
-        hints = get_type_hints(cls)
+        hints = get_type_hints(cls, include_extras=True)
         fields = {f.name: f for f in _init_fields(cls)}
         for name in raw:
             if name not in fields:
@@ -284,6 +290,9 @@ class _Resolver:
             obj = cls(**kwargs)
             if callable(getattr(obj, "validate", None)):
                 obj.validate()
+        except FieldError as e:  # a check of one field's value
+            field_key = (*key, e.field)
+            raise ConfigError(f"{self.source(field_key)}: key '{_dotted(field_key)}' {e}") from e
         except ValueError as e:  # from __post_init__ or validate(): a range or consistency check
             # Any layer that set a value in or above this dataclass may hold the culprit.
             around = dict.fromkeys(s for k, s in self.sources.items()
@@ -297,6 +306,12 @@ class _Resolver:
         """`value` as type `tp`; `shown` is the type to name in an error, if not `tp` itself."""
         shown = shown or tp
         if tp is Any:
+            return value
+        if get_origin(tp) is Annotated:
+            value = self.coerce(value, get_args(tp)[0], key, shown)
+            allowed = range_of(tp)
+            if allowed is not None and value not in allowed:
+                raise ConfigError(f"{self.source(key)}: key '{_dotted(key)}' must be {allowed}, got {value!r}")
             return value
         if dataclasses.is_dataclass(tp):
             return self.build(value, tp, key, shown)
@@ -331,8 +346,13 @@ class _Resolver:
                 return out
         elif tp is float:
             if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-                with contextlib.suppress(ValueError):  # strings too: PyYAML reads 3e-4 (no dot) as one
-                    return float(value)
+                try:  # strings too: PyYAML reads 3e-4 (no dot) as one
+                    number = float(value)
+                except ValueError:
+                    raise self.wrong_type(value, shown, key) from None
+                if not math.isfinite(number):
+                    raise ConfigError(f"{self.source(key)}: key '{_dotted(key)}' must be a finite number, got {value!r}")
+                return number
         elif tp is int:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
@@ -358,6 +378,8 @@ def _type_name(tp: Any) -> str:
     if dataclasses.is_dataclass(tp):
         return tp.__name__
     origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
     if origin is Literal:
         return "one of " + ", ".join(map(repr, args))
     if origin in (Union, types.UnionType):

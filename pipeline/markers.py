@@ -6,6 +6,7 @@ COMPLETE_MARKER = ".t2i-complete"  # in a stage's folder: the hash of the job th
 RUN_RECORD = ".t2i-run.json"  # in a stage's folder: the hash, result-changing keys and inputs of its job
 LEGACY_STARTED_MARKER = ".t2i-started"  # written before run records existed: the hash of the job only
 PREEMPTED_MARKER = "PREEMPTED"  # in a training stage's folder: checkpointed on a signal, run again to resume
+ATTEMPTS_LOG = ".t2i-attempts.tsv"  # in a submitted stage's folder: job, restart, exit code, outcome of each attempt
 
 class StageError(RuntimeError):
     """A failure whose message says all a user needs: `t2i` prints it without a traceback and exits 1."""

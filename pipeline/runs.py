@@ -16,6 +16,7 @@ from torch import nn
 
 from pipeline.config import ConfigError, changed_keys, dump_config, extendable_keys, load_config, result_view
 from pipeline.files import sha256_of
+from pipeline.owner import owned
 from pipeline.registry import load_stage, output_dir
 
 CONFIG_FILE = "config.yaml"
@@ -23,16 +24,19 @@ _HEADER = re.compile(r"^# t2i stage ([^\s:]+)")
 
 
 def run_stage(stage: str, cfg: Any) -> int:
-    """Runs stage `stage` with its resolved config: rank 0 writes OUT/config.yaml (the only writer
-    of it), then the stage's `run`. Returns the stage's exit code. An OUT holding a run of another
+    """Runs stage `stage` with its resolved config: rank 0 owns OUT while the stage runs (a second
+    writer gets FolderBusy, pipeline/owner.py) and writes OUT/config.yaml (the only writer of it),
+    then the stage's `run`. Returns the stage's exit code. An OUT holding a run of another
     stage, or of other values of result-changing keys (raising an extendable one aside), is refused
     before anything is written."""
     module = load_stage(stage)
     out = Path(output_dir(module, cfg))
-    if int(os.environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", 0)) != 0:  # rank 0 owns the folder for the whole job
+        return module.run(cfg) or 0
+    with owned(out):
         _check_earlier_run(out, stage, module, cfg)
         dump_config(cfg, out / CONFIG_FILE, comment=f"t2i stage {stage}: the fully resolved config of this run")
-    return module.run(cfg) or 0
+        return module.run(cfg) or 0
 
 
 def _check_earlier_run(out: Path, stage: str, module, cfg: Any) -> None:

@@ -18,6 +18,8 @@ from typing import Protocol
 
 import torch
 
+from pipeline.ranges import NonNegativeFloat, PositiveFloat, PositiveInt
+
 
 class Sampler(Protocol):
     def sample(self, captions: list[str], seeds: list[int]) -> torch.Tensor:
@@ -28,15 +30,9 @@ class Sampler(Protocol):
 class AutoregressiveOptions:
     """Options of the samplers that draw codes one at a time (DALL-E's prior, the PixelCNN)."""
 
-    temperature: float = 1.0
-    top_k: int | None = None  # draw among the k most likely codes only
-    guidance_scale: float = 1.0  # classifier-free guidance; 1: none
-
-    def validate(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 (or null: no limit), got {self.top_k}")
+    temperature: PositiveFloat = 1.0
+    top_k: PositiveInt | None = None  # draw among the k most likely codes only; null: no limit
+    guidance_scale: NonNegativeFloat = 1.0  # classifier-free guidance; 1: none, 0: the caption ignored
 
 
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:

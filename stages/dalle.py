@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Annotated
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
 from pipeline.models.dalle import DALLE, DALLEConfig
 from pipeline.models.dalle import flops_per_sample as dalle_flops
+from pipeline.ranges import Range
 from pipeline.runs import load_run
 from pipeline.sampling import AutoregressiveOptions, seeded_generators
 
@@ -77,12 +79,8 @@ def logits_per_sample(cfg: Config) -> int:
 class SamplerConfig(AutoregressiveOptions):
     """`t2i sample` options for a DALL-E prior (the `dalle` section of the sample stage's config)."""
 
-    top_p: float | None = None  # then draw among the most likely codes holding this much probability
-
-    def validate(self) -> None:
-        super().validate()
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (or null: no limit), got {self.top_p}")
+    # Then draw among the most likely codes holding this much probability; null: no limit.
+    top_p: Annotated[float, Range(0, 1, low_open=True)] | None = None
 
 
 class Sampler:

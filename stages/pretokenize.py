@@ -18,6 +18,7 @@ from pipeline.data.text import check_tokenizer, portable, vocab_size
 from pipeline.engine.distributed import free_cores, setup, teardown
 from pipeline.launch.config import LaunchConfig, launch_field
 from pipeline.precompute import precompute
+from pipeline.ranges import NonNegativeInt, PositiveInt
 from pipeline.runs import load_run
 
 OUTPUT = "out_dir"
@@ -31,12 +32,12 @@ class Config:
     autoencoder: str = ""  # the output folder of a trained dvae, vqvae or vqvae2 stage
     autoencoder_stage: str = "dvae"  # which of those stages made it
     tokenizer: str = "open_clip:ViT-B-32"
-    text_length: int = 32
-    batch_size: int = operational(64)  # images encoded at once: the codes do not depend on it
-    num_workers: int = operational(2)
+    text_length: PositiveInt = 32
+    batch_size: PositiveInt = operational(64)  # images encoded at once: the codes do not depend on it
+    num_workers: NonNegativeInt = operational(2)
     # The encoder's torch threads on CPU; 0: all of this process's cores. The loader workers only
     # decode and tokenize, a small part of a core beside the encoder, and sleep once their queue is full.
-    cpu_threads: int = operational(0)
+    cpu_threads: NonNegativeInt = operational(0)
     launch: LaunchConfig = launch_field()
 
     def validate(self) -> None:

@@ -23,6 +23,7 @@ from pipeline.config import operational
 from pipeline.data.shapes import heldout_captions
 from pipeline.images import to_pil
 from pipeline.launch.config import LaunchConfig, launch_field
+from pipeline.ranges import NonNegativeInt, PositiveInt
 from pipeline.registry import load_stage
 from pipeline.runs import stage_of
 from stages import dalle, pixelcnn
@@ -37,12 +38,12 @@ class Config:
     run: str = ""  # a generative stage's run folder (its final weights) or one of its checkpoint folders
     stage: str = ""  # the stage that trained `run`; empty: the one its folder records
     captions: str = ""  # a text file (one caption a line), a caption, or "heldout:N" (N held-out shapes captions)
-    images_per_caption: int = 4
-    seed: int = 0  # image j of each caption is drawn with seed + j: a caption and a seed give one image, in any batch
-    batch_size: int = operational(16)  # each image has its own random stream: batching does not change it
+    images_per_caption: PositiveInt = 4
+    seed: NonNegativeInt = 0  # image j of each caption is drawn with seed + j: a caption and a seed give one image, in any batch
+    batch_size: PositiveInt = operational(16)  # each image has its own random stream: batching does not change it
     clip_checkpoint: str = ""  # re-rank with this local open_clip checkpoint
     clip_model: str = "ViT-B-32"
-    candidates: int = 4  # with CLIP: samples drawn per image kept
+    candidates: PositiveInt = 4  # with CLIP: samples drawn per image kept
     device: str = operational("")  # where the models run: "" = the GPU when there is one, else the CPU; or "cpu", "cuda:1"
     dalle: dalle.SamplerConfig = field(default_factory=dalle.SamplerConfig)
     pixelcnn: pixelcnn.SamplerConfig = field(default_factory=pixelcnn.SamplerConfig)
@@ -58,8 +59,6 @@ class Config:
         for key in ("out_dir", "run", "captions"):
             if not getattr(self, key):
                 raise ValueError(f"{key} is required")
-        if self.images_per_caption < 1 or self.batch_size < 1 or self.candidates < 1:
-            raise ValueError("images_per_caption, batch_size and candidates must be >= 1")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device is {self.device!r}, but PyTorch finds no CUDA GPU here")
 

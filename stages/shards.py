@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from pipeline.data.build import folder_examples, shapes_examples, table_examples, write_shards
+from pipeline.data.shapes import COLOURS
 from pipeline.launch.config import LaunchConfig, launch_field
+from pipeline.ranges import NonNegativeInt, PositiveInt, Range
 
 
 @dataclass
@@ -14,16 +16,16 @@ class ShardsConfig:
 
     out_dir: str = ""
     source: Literal["shapes", "folder", "table"] = "shapes"
-    count: int = 2000  # shapes: samples to generate
-    resolution: int = 64  # shapes: image side in pixels, 32..256
-    seed: int = 0  # shapes: the same seed gives the same data set
-    max_shapes: int = 3
+    count: PositiveInt = 2000  # shapes: samples to generate
+    resolution: PositiveInt = 64  # shapes: image side in pixels, 32..256
+    seed: NonNegativeInt = 0  # shapes: the same seed gives the same data set
+    max_shapes: Annotated[int, Range(1, len(COLOURS))] = 3  # shapes: each of its own colour
     image_format: Literal["jpg", "png", "webp"] = "jpg"
     folder: str = ""  # folder: images with .txt caption sidecars
     table: str = ""  # table: a .csv or .parquet file
     image_column: str = "image"
     caption_column: str = "caption"
-    samples_per_shard: int = 1000
+    samples_per_shard: PositiveInt = 1000
     launch: LaunchConfig = launch_field()
 
     def validate(self) -> None:
@@ -35,8 +37,6 @@ class ShardsConfig:
             raise ValueError("source 'folder' needs folder")
         if self.source == "table" and not self.table:
             raise ValueError("source 'table' needs table")
-        if self.count < 1 or self.samples_per_shard < 1:
-            raise ValueError("count and samples_per_shard must be >= 1")
 
 
 Config = ShardsConfig

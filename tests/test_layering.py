@@ -43,7 +43,7 @@ def _pure(name: str) -> bool:
         return True
     if top in sys.stdlib_module_names:
         return top not in {"os", "pathlib", "shutil", "subprocess", "signal", "socket", "tempfile", "io"}
-    return name.startswith(("pipeline.models", "pipeline.engine.task"))
+    return name.startswith(("pipeline.models", "pipeline.engine.task", "pipeline.ranges"))
 
 
 def test_models_are_pure_pytorch_modules():

@@ -8,7 +8,10 @@ Promises:
   fill are padded with samples whose `valid` flag is False. `mode: resampled`: shards are drawn at
   random with replacement, forever.
 - Bad samples are skipped, counted by reason and shard, and logged with rate limiting; past
-  `max_bad_fraction` the run stops with DataErrorBudgetExceeded naming the worst shards.
+  `max_bad_fraction` the run stops with DataErrorBudgetExceeded naming the worst shards. A sample
+  that would cost more memory or time than `max_member_bytes`, `max_image_pixels` or
+  `max_aspect_ratio` allow is bad, and so is each sample a shard lacks of its declared size
+  (`sizes.json`, `*_stats.json`): `missing_samples`.
 - `state_dict()` records, per worker, the position after the last batch handed out; a loader given
   that state yields exactly the batches an uninterrupted one would have yielded next (same
   shards, world size, batch size, worker count and mode).
@@ -31,17 +34,19 @@ import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal
+from typing import Annotated, Iterable, Iterator, Literal
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import operational
+from pipeline.data.decode import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS
 from pipeline.data.plan import WorkerPlan, plan_epoch, steps_per_epoch, unread_spans
 from pipeline.data.precomputed import members_of, read_manifest
 from pipeline.data.stream import StreamSpec, WorkerState, WorkerStream, check_error_budget
-from pipeline.data.tars import expand_shards, shard_size
+from pipeline.data.tars import MAX_MEMBER_BYTES, expand_shards, shard_size
 from pipeline.data.text import make_tokenizer
+from pipeline.ranges import Fraction, NonNegativeInt, PositiveInt, Range
 
 log = logging.getLogger("t2i.data")
 
@@ -53,26 +58,24 @@ class DataConfig:
     shards: str = ""  # brace pattern(s), '::'-separated; local, pipe:, http(s)
     # precomputed: shards written by a precompute stage (pretokenize, ...), whose manifest declares their members
     kind: Literal["images", "precomputed"] = "images"
-    resolution: int = 64
+    resolution: Annotated[int, Range(8, 4096)] = 64
     crop: Literal["center", "random"] = "center"
-    batch_size: int = 16  # per rank
-    num_workers: int = operational(2)  # loader processes; a run resumes across a change (module docstring)
+    batch_size: PositiveInt = 16  # per rank
+    num_workers: NonNegativeInt = operational(2)  # loader processes; a run resumes across a change (module docstring)
     mode: Literal["epoch", "resampled"] = "epoch"
     shuffle_shards: bool = True
-    shuffle_buffer: int = 256  # raw samples permuted together; 0 or 1 keeps tar order
+    shuffle_buffer: NonNegativeInt = 256  # raw samples permuted together; 0 or 1 keeps tar order
     tokenizer: str | None = None  # 'open_clip:ViT-B-32' or 'hf:/local/path'; None gives no tokens
-    text_length: int = 77
+    text_length: PositiveInt = 77
     # Whether a run stops on bad data, not what it computes: raise it and resume a stopped run.
-    max_bad_fraction: float = operational(0.05)
-    budget_min_samples: int = operational(200)  # the budget is judged once this many samples were read
-
-    def validate(self) -> None:
-        if not 8 <= self.resolution <= 4096:
-            raise ValueError(f"resolution must be between 8 and 4096, got {self.resolution}")
-        if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError("batch_size must be >= 1, num_workers and shuffle_buffer >= 0")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+    max_bad_fraction: Fraction = operational(0.05)
+    budget_min_samples: NonNegativeInt = operational(200)  # the budget is judged once this many samples were read
+    # Bounds on the memory and time one sample may cost, checked before it is read or decoded; a sample
+    # past one is skipped and counted (oversized_member, image_too_large, extreme_aspect_ratio). Like
+    # timeouts they protect the run: on sane data they skip nothing.
+    max_member_bytes: PositiveInt = operational(MAX_MEMBER_BYTES)  # a tar member's declared size
+    max_image_pixels: PositiveInt = operational(MAX_IMAGE_PIXELS)  # pixels to decode
+    max_aspect_ratio: Annotated[float, Range(1)] = operational(MAX_ASPECT_RATIO)  # longer side / shorter side
 
 
 class StreamingLoader:
@@ -125,7 +128,8 @@ class StreamingLoader:
                                workers=self.workers, shuffle_shards=cfg.shuffle_shards)
         spec = StreamSpec(tuple(self.urls), tuple(self.sizes), cfg.resolution, cfg.crop, cfg.batch_size,
                           cfg.shuffle_buffer, self.seed, self.epoch, self.rank, cfg.max_bad_fraction,
-                          cfg.budget_min_samples if self.enforce_budget else 2**62, self.members, self.replans)
+                          cfg.budget_min_samples if self.enforce_budget else 2**62, cfg.max_member_bytes,
+                          cfg.max_image_pixels, cfg.max_aspect_ratio, self.members, self.replans)
         states = {worker: WorkerState(**self._worker_states.get(worker, {})) for worker in range(self.workers)}
         dataset = _EpochDataset(spec, plans, states, rotation=self.consumed % self.workers,
                                 tokenizer=cfg.tokenizer, text_length=cfg.text_length)

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from pipeline.data.decode import IMAGE_EXTENSIONS, DecodeError, decode_image
+from pipeline.data.decode import IMAGE_EXTENSIONS, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, DecodeError, decode_image
 from pipeline.data.tars import RawSample, Skip
 
 
@@ -20,8 +20,10 @@ def caption_of(item: RawSample) -> str | Skip:
         return Skip("bad_caption", item.shard, item.key)
 
 
-def image_sample(item: RawSample, resolution: int, crop: str, rng: random.Random) -> dict | Skip:
-    """{image (3, R, R) in [-1, 1], caption, key, valid}, or why the sample is unusable."""
+def image_sample(item: RawSample, resolution: int, crop: str, rng: random.Random,
+                 max_pixels: int = MAX_IMAGE_PIXELS, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> dict | Skip:
+    """{image (3, R, R) in [-1, 1], caption, key, valid}, or why the sample is unusable; the image is
+    refused as decode_image says when it would cost more than `max_pixels` and `max_aspect_ratio` allow."""
     extension = next((ext for ext in IMAGE_EXTENSIONS if ext in item.files), None)
     if extension is None:
         return Skip("missing_image", item.shard, item.key)
@@ -31,9 +33,9 @@ def image_sample(item: RawSample, resolution: int, crop: str, rng: random.Random
     if not item.files[extension]:
         return Skip("empty_file", item.shard, item.key)
     try:
-        image = decode_image(item.files[extension], resolution, crop, rng)
+        image = decode_image(item.files[extension], resolution, crop, rng, max_pixels, max_aspect_ratio)
     except DecodeError as error:
-        return Skip("decode_error", item.shard, item.key, str(error))
+        return Skip(error.reason, item.shard, item.key, str(error))
     return {"image": image, "caption": caption, "key": item.key, "valid": True}
 
 

@@ -6,15 +6,15 @@ import time
 
 from tqdm import tqdm
 
+from pipeline.config import load_config
 from pipeline.data.loader import DataConfig, StreamingLoader
 
 
 def shard_stats(pattern: str, resolution: int = 64, num_workers: int = 2, batch_size: int = 64) -> dict:
     """Reads every sample once (exactly-once mode, one rank) and returns samples, skipped (reason ->
     count), bad_shards, shards, bytes (local shards only) and images_per_second."""
-    cfg = DataConfig(shards=pattern, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
-                     shuffle_shards=False, shuffle_buffer=0)
-    cfg.validate()
+    cfg = load_config(DataConfig, base=dict(shards=pattern, resolution=resolution, batch_size=batch_size,
+                                            num_workers=num_workers, shuffle_shards=False, shuffle_buffer=0))
     loader = StreamingLoader(cfg, enforce_budget=False)
     start = time.perf_counter()
     for _ in tqdm(loader.epoch_batches(), total=loader.steps_per_epoch, desc="reading", unit="batch"):

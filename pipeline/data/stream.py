@@ -38,8 +38,8 @@ class WorkerState:
     bad_shards: dict[str, int] = field(default_factory=dict)
 
     def count_skip(self, skip: Skip) -> None:
-        self.skipped[skip.reason] = self.skipped.get(skip.reason, 0) + 1
-        self.bad_shards[skip.shard] = self.bad_shards.get(skip.shard, 0) + 1
+        self.skipped[skip.reason] = self.skipped.get(skip.reason, 0) + skip.count
+        self.bad_shards[skip.shard] = self.bad_shards.get(skip.shard, 0) + skip.count
         _warn_rate_limited(skip)
 
     def as_dict(self) -> dict:
@@ -61,6 +61,9 @@ class StreamSpec:
     rank: int
     max_bad_fraction: float
     budget_min_samples: int
+    max_member_bytes: int
+    max_image_pixels: int
+    max_aspect_ratio: float
     members: dict[str, Member] | None = None  # precomputed shards' members (None: image shards)
     replans: int = 0  # times the run was re-planned for a new layout; resampled draws depend on it
 
@@ -99,11 +102,13 @@ class WorkerStream:
         """Decoded samples in shuffled order, advancing the position as each raw sample is taken."""
         state, spec = self.state, self.spec
         while True:
-            reload = state.taken > 0  # this chunk was loaded before a restart: its events are counted
-            items, events, following = self._read_chunk(state.segment, state.offset)
+            reload = state.taken > 0  # this chunk was loaded before a restart: its shortfalls are counted
+            items, shortfalls, following = self._read_chunk(state.segment, state.offset)
             if not reload:
-                for event in events:
-                    state.count_skip(event)
+                for shortfall in shortfalls:
+                    state.count_skip(shortfall)
+                check_error_budget(state.samples, state.skipped, state.bad_shards,
+                                   spec.max_bad_fraction, spec.budget_min_samples)
             if not items:
                 return
             order = list(range(len(items)))
@@ -129,11 +134,13 @@ class WorkerStream:
         return self.plan.segments[index] if index < len(self.plan.segments) else None
 
     def _read_chunk(self, segment: int, offset: int) -> tuple[list, list[Skip], tuple[int, int]]:
-        """Up to `shuffle_buffer` raw samples (or slot-filling Skips) from (segment, offset) on, the
-        read-time events seen on the way, and the position after the chunk."""
+        """Up to `shuffle_buffer` raw samples (or Skips standing for them) from (segment, offset) on,
+        the shortfalls of segments whose shard ended before their planned stop (Skip
+        'missing_samples', so that the samples a damaged shard or an overstated size loses count as
+        bad), and the position after the chunk."""
         size = max(1, self.spec.shuffle_buffer)
         items: list[RawSample | Skip] = []
-        events: list[Skip] = []
+        shortfalls: list[Skip] = []
         while len(items) < size:
             piece = self._segment(segment)
             if piece is None:
@@ -146,22 +153,22 @@ class WorkerStream:
                 item = next(raw, None)
                 if item is None:
                     break
-                if isinstance(item, Skip):
-                    events.append(item)
-                    continue
-                items.append(self._check_duplicate(segment, piece.shard, item))
+                items.append(item if isinstance(item, Skip) else self._check_duplicate(segment, piece.shard, item))
                 taken += 1
-            if taken == remaining or (taken < remaining and len(items) < size):
-                segment, offset, self._open = segment + 1, 0, None  # segment done, or its shard ended early
+            if taken < remaining and len(items) < size:  # the shard ended early
+                shortfalls.append(Skip("missing_samples", url, detail=f"{remaining - taken} sample(s) fewer than "
+                                       "its declared size", count=remaining - taken))
+            if taken == remaining or len(items) < size:  # segment done, or its shard ended early
+                segment, offset, self._open = segment + 1, 0, None
             else:
                 offset += taken
                 self._open = (segment, offset, raw)
-        return items, events, (segment, offset)
+        return items, shortfalls, (segment, offset)
 
     def _raw_iterator(self, segment: int, offset: int, url: str, skip: int) -> Iterator:
         if self._open is not None and self._open[:2] == (segment, offset):
             return self._open[2]
-        return iter_raw_samples(url, skip=skip)
+        return iter_raw_samples(url, skip=skip, max_member_bytes=self.spec.max_member_bytes)
 
     def _check_duplicate(self, segment: int, shard: int, item: RawSample) -> RawSample | Skip:
         """A key seen before in this segment, or in the previous one when that was another shard
@@ -182,7 +189,8 @@ class WorkerStream:
         if self.spec.members is not None:
             return precomputed_sample(item, self.spec.members)
         rng = random.Random(f"crop-{self.spec.seed}-{self.spec.epoch}-{item.key}")
-        return image_sample(item, self.spec.resolution, self.spec.crop, rng)
+        return image_sample(item, self.spec.resolution, self.spec.crop, rng, self.spec.max_image_pixels,
+                            self.spec.max_aspect_ratio)
 
     def _blank(self) -> dict:
         if self.spec.members is not None:

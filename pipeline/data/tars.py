@@ -2,7 +2,8 @@
 
 A raw sample is the group of consecutive tar members sharing a key (`KEY.jpg`, `KEY.txt`,
 `KEY.json`), the layout img2dataset writes. Reading never raises on bad data: a shard that cannot
-be opened or ends early yields a `Skip` event instead, so the caller can count it.
+be opened or ends early, and a sample with a member too large to hold, yield a `Skip` instead, so
+the caller can count it.
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from typing import IO, Iterator
 import webdataset
 
 _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")
+
+# The largest tar member read into memory; a larger one is skipped unread. No image or precomputed
+# member of a training sample comes near it; a damaged or hostile header can declare gigabytes.
+MAX_MEMBER_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -37,6 +42,7 @@ class Skip:
     shard: str
     key: str = ""
     detail: str = ""
+    count: int = 1  # the samples it stands for
 
 
 def whole_second_mtime() -> int:
@@ -80,24 +86,41 @@ def open_shard(url: str) -> IO[bytes]:
 
 
 def _declared_sizes(url: str) -> int | None:
-    """The sample count written beside a local shard: our `sizes.json` or img2dataset's `*_stats.json`."""
+    """The sample count written beside a local shard: our `sizes.json` or img2dataset's `*_stats.json`.
+    Raises ValueError naming the file when it is not JSON or its count is not a non-negative integer."""
     if not is_local(url):
         return None
     path = local_path(url)
     folder, name = os.path.split(path)
     sizes_file = os.path.join(folder, "sizes.json")
     if os.path.exists(sizes_file):
-        with open(sizes_file) as handle:
-            sizes = json.load(handle)
+        sizes = _read_json_object(sizes_file)
         if name in sizes:
-            return int(sizes[name])
+            return _sample_count(sizes[name], sizes_file, name)
     stats_file = os.path.join(folder, name.rsplit(".", 1)[0] + "_stats.json")
     if os.path.exists(stats_file):
-        with open(stats_file) as handle:
-            stats = json.load(handle)
+        stats = _read_json_object(stats_file)
         if "successes" in stats:
-            return int(stats["successes"])
+            return _sample_count(stats["successes"], stats_file, "successes")
     return None
+
+
+def _read_json_object(path: str) -> dict:
+    try:
+        with open(path) as handle:
+            value = json.load(handle)
+    except ValueError as error:  # not JSON, or not text
+        raise ValueError(f"{path}: malformed shard sizes, not JSON ({error})") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: malformed shard sizes, expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _sample_count(value: object, path: str, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{path}: malformed shard sizes, {key!r} must be a sample count (an integer >= 0), "
+                         f"got {value!r}")
+    return value
 
 
 def shard_size(url: str) -> tuple[int, str | None]:
@@ -117,22 +140,28 @@ def shard_size(url: str) -> tuple[int, str | None]:
     return count, None
 
 
-def iter_raw_samples(url: str, skip: int = 0, headers_only: bool = False) -> Iterator[RawSample | Skip]:
-    """Yields the shard's raw samples in tar order, after dropping the first `skip` of them.
+def iter_raw_samples(url: str, skip: int = 0, headers_only: bool = False,
+                     max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[RawSample | Skip]:
+    """Yields the shard's raw samples in tar order, after dropping the first `skip` of them; each
+    item stands for one sample of the shard.
 
-    A shard that cannot be opened yields Skip('missing_shard'); one that ends in the middle yields
-    the complete samples before the damage, then Skip('truncated_tar')."""
+    A sample with a member larger than `max_member_bytes` yields Skip('oversized_member') without
+    that member being read. A shard that cannot be opened yields Skip('missing_shard'); one that
+    ends in the middle, or without the end-of-archive marker, yields the complete samples before
+    the damage, then Skip('truncated_tar'), standing for the sample being read (the first one
+    after `skip` when the damage lies before it). Nothing follows either."""
     try:
         stream = open_shard(url)
     except OSError as error:
         yield Skip("missing_shard", url, detail=str(error))
         return
     current: RawSample | None = None
+    oversized: Skip | None = None  # why `current` is not read, once one of its members was too large
     seen = 0
     try:
         # Counting keys of a local file can seek past member data; everything else streams.
         mode = "r:*" if headers_only and is_local(url) else "r|*"
-        with stream, tarfile.open(fileobj=stream, mode=mode) as tar:
+        with stream, tarfile.open(fileobj=stream, mode=mode, tarinfo=_EndMarkedTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -144,17 +173,39 @@ def iter_raw_samples(url: str, skip: int = 0, headers_only: bool = False) -> Ite
                     if current is not None:
                         seen += 1
                         if seen > skip:
-                            yield current
-                    current = RawSample(key, url)
-                if seen >= skip and not headers_only:
-                    handle = tar.extractfile(member)
-                    data = handle.read() if handle else b""
-                    if len(data) != member.size:  # a streamed tar can end mid-member without an error
-                        raise EOFError(f"{member.name}: {len(data)} of {member.size} bytes")
-                    current.files[extension] = data
+                            yield oversized or current
+                    current, oversized = RawSample(key, url), None
+                if seen < skip or headers_only or oversized:
+                    continue
+                if member.size > max_member_bytes:  # left unread: the tar reader steps over its data
+                    oversized = Skip("oversized_member", url, key,
+                                     f"{member.name}: {member.size} bytes > {max_member_bytes}")
+                    current.files.clear()
+                    continue
+                handle = tar.extractfile(member)
+                data = handle.read() if handle else b""
+                if len(data) != member.size:  # a streamed tar can end mid-member without an error
+                    raise EOFError(f"{member.name}: {len(data)} of {member.size} bytes")
+                current.files[extension] = data
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
-        # The sample being read when the data ended is damaged: the skip event stands for it.
-        yield Skip("truncated_tar", url, key=current.key if current else "", detail=str(error) or type(error).__name__)
+        # The sample being read when the data ended is damaged: the skip stands for it.
+        key = current.key if current is not None and seen >= skip else ""
+        yield Skip("truncated_tar", url, key=key, detail=str(error) or type(error).__name__)
         return
-    if current is not None and seen + 1 > skip:
-        yield current
+    if current is not None and seen >= skip:
+        yield oversized or current
+
+
+class _EndMarkedTarInfo(tarfile.TarInfo):
+    """Tar headers for which only the end-of-archive marker (a zero block) ends the archive:
+    tarfile itself also ends quietly where the data ends at a member boundary or a header is
+    damaged, which would drop the rest of a cut shard without a word."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:  # the marker
+            raise
+        except tarfile.HeaderError as error:
+            raise tarfile.ReadError(f"no end-of-archive marker at byte {tar.offset}: {error}") from None

@@ -4,13 +4,16 @@ A checkpoint is written by all ranks into `.tmp-step-NNNNNNNN/`; once every rank
 hash its files between them and rank 0 writes the `COMMITTED` marker inside it, last, holding the
 sha256 and size of every file, and renames the folder to `step-NNNNNNNN/`. So a folder under a
 final name is always complete; a save killed part way leaves only a `.tmp-` folder, which the next
-save removes. Resume takes the newest committed folder whose files all match their checksums,
+save removes before it writes (a leftover on a nearly full disk would make it fail too). A save
+that fails removes its own `.tmp-` folder; one that fails for lack of space raises DiskFull,
+naming the folder, the space free and the space a checkpoint of the run takes. Resume takes the newest committed folder whose files all match their checksums,
 checked before anything in it is loaded (or unpickled): a damaged one is reported by name, renamed
 `damaged-step-NNNNNNNN/` and passed over for the one before it. Old checkpoints are deleted only
 after a newer one is committed, keeping the newest `keep`.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -28,6 +31,15 @@ _FINAL = re.compile(r"^step-(\d{8})$")
 
 class CheckpointDamaged(StageError):
     """Every committed checkpoint of a run fails its checksums."""
+
+
+class DiskFull(StageError):
+    """A checkpoint could not be written for lack of space; the ones before it are intact."""
+
+
+# A write that failed with less than this free after it ran out of space: torch.save and
+# safetensors do not always pass ENOSPC on as an OSError ("unexpected pos" from inline_container.cc).
+_NEARLY_FULL_BYTES = 16 << 20
 
 
 def committed(root: Path) -> list[Path]:
@@ -57,8 +69,9 @@ def finished_step(out: Path) -> int | None:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep: int, dist: DistInfo) -> None:
-        self.root, self.keep, self.dist = Path(root), keep, dist
+    def __init__(self, root: Path, keep: int, dist: DistInfo, expected_bytes: int = 0) -> None:
+        """`expected_bytes`: about how much a checkpoint takes, for the message when the first one does not fit."""
+        self.root, self.keep, self.dist, self.expected_bytes = Path(root), keep, dist, expected_bytes
 
     def newest_intact(self) -> Path | None:
         """The newest committed checkpoint whose files match the checksums in its marker (every rank
@@ -103,11 +116,17 @@ class Checkpointer:
         temporary = self.root / f".tmp-step-{step:08d}"
         final = self.root / f"step-{step:08d}"
         if self.dist.is_main:
-            shutil.rmtree(temporary, ignore_errors=True)
+            self._remove_leftovers()
             temporary.mkdir(parents=True)
         barrier()
-        write(temporary)
-        barrier()
+        try:
+            write(temporary)
+            error = None
+        except Exception as failure:  # every rank must learn of it, or the others wait at the barrier
+            error = failure
+        (failed,) = any_rank(error is not None)
+        if failed:
+            self._failed(step, temporary, error)
         names = sorted(str(path.relative_to(temporary)) for path in temporary.rglob("*") if path.is_file())
         mine = {name: {"sha256": sha256_of(temporary / name), "size": (temporary / name).stat().st_size}
                 for name in names[self.dist.rank::self.dist.world_size]}  # the ranks hash the files in turn
@@ -122,14 +141,58 @@ class Checkpointer:
         barrier()
         return final
 
+    def _failed(self, step: int, temporary: Path, error: Exception | None) -> None:
+        """Removes a failed save's folder and raises: DiskFull when space ran out, else the error
+        (on the ranks where the save did not fail, a StageError saying where it did)."""
+        written = sum(path.stat().st_size for path in temporary.rglob("*") if path.is_file()) if temporary.exists() else 0
+        free = shutil.disk_usage(self.root).free
+        barrier()
+        if self.dist.is_main:
+            shutil.rmtree(temporary, ignore_errors=True)
+        full = error is not None and (_no_space(error) or free < _NEARLY_FULL_BYTES)
+        if full:
+            last = latest(self.root)
+            size = sum(path.stat().st_size for path in last.rglob("*") if path.is_file()) if last else self.expected_bytes
+            since = f"; it resumes from {last.name}" if last else ""
+            raise DiskFull(f"no space left on the device of {self.root} to write checkpoint step {step}: {_size(free)} "
+                           f"free, a checkpoint of this run takes {'' if last else 'about '}{_size(max(size, written))}. "
+                           f"Free space there, or lower trainer.keep_checkpoints, then run the same command{since}") from error
+        if error is None:
+            raise StageError(f"checkpoint step {step} failed on another rank; its error is in that rank's output")
+        raise error
+
+    def _remove_leftovers(self) -> None:
+        """Deletes the folders of saves that were killed or failed."""
+        if self.root.is_dir():
+            for path in self.root.iterdir():
+                if path.name.startswith(".tmp-step-"):
+                    shutil.rmtree(path, ignore_errors=True)
+
     def _retain(self, newest: Path) -> None:
         """Deletes committed checkpoints beyond the newest `keep`, and leftovers of killed saves."""
         for old in committed(self.root)[:-self.keep]:
             if old != newest:
                 shutil.rmtree(old, ignore_errors=True)
-        for path in self.root.iterdir():
-            if path.name.startswith(".tmp-step-"):
-                shutil.rmtree(path, ignore_errors=True)
+        self._remove_leftovers()
+
+
+def _no_space(error: BaseException) -> bool:
+    """Whether `error`, or one it arose from, is ENOSPC."""
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _size(count: float) -> str:
+    if count < 1024:
+        return f"{count:.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
+        count /= 1024
+        if count < 1024 or unit == "GiB":
+            return f"{count:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def _problem(path: Path, recorded: dict) -> str | None:

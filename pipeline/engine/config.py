@@ -6,71 +6,63 @@ resumes across a change of them. Raising the `extendable` `trainer.max_steps` co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal
 
 from pipeline.config import extendable, operational
 from pipeline.data.loader import DataConfig
 from pipeline.launch.config import LaunchConfig, launch_field
+from pipeline.ranges import Decay, FieldError, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
+    lr: PositiveFloat = 1e-3
+    betas: tuple[Decay, Decay] = (0.9, 0.999)
+    weight_decay: NonNegativeFloat = 0.0
     schedule: Literal["constant", "cosine"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # cosine ends at lr * min_lr_ratio
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-
-    def validate(self) -> None:
-        if self.lr <= 0 or self.grad_clip < 0 or self.warmup_steps < 0:
-            raise ValueError("lr must be > 0, grad_clip and warmup_steps >= 0")
+    warmup_steps: NonNegativeInt = 0
+    min_lr_ratio: Fraction = 0.1  # cosine ends at lr * min_lr_ratio
+    grad_clip: NonNegativeFloat = 1.0  # max global gradient norm; 0 turns clipping off
 
 
 @dataclass
 class TrainerConfig:
     out_dir: str = ""
-    max_steps: int = extendable(1000)  # raised on a finished or unfinished run: it continues from its last checkpoint
-    save_every: int = operational(200)  # checkpoint every N optimizer steps (and at the end, and on SIGTERM/SIGUSR1)
-    keep_checkpoints: int = operational(2)  # committed checkpoints kept; older ones go once a newer one is committed
-    seed: int = 0
-    log_every: int = operational(10)
-    image_every: int = operational(0)  # image grids every N steps; 0: only at the end
-    ema_decay: float = 0.0  # 0 turns the EMA off; e.g. 0.999
-    max_nonfinite_skips: int = operational(10)  # consecutive skipped micro-batches with NaN/Inf before the run stops
+    max_steps: PositiveInt = extendable(1000)  # raised on a finished or unfinished run: it continues from its last checkpoint
+    save_every: PositiveInt = operational(200)  # checkpoint every N optimizer steps (and at the end, and on SIGTERM/SIGUSR1)
+    keep_checkpoints: PositiveInt = operational(2)  # committed checkpoints kept; older ones go once a newer one is committed
+    seed: NonNegativeInt = 0
+    log_every: PositiveInt = operational(10)
+    image_every: NonNegativeInt = operational(0)  # image grids every N steps; 0: only at the end
+    ema_decay: Decay = 0.0  # 0 turns the EMA off; e.g. 0.999
+    max_nonfinite_skips: PositiveInt = operational(10)  # consecutive skipped micro-batches with NaN/Inf before the run stops
     deterministic: bool = False  # torch.use_deterministic_algorithms
 
     def validate(self) -> None:
         if not self.out_dir:
             raise ValueError("out_dir is required")
-        if self.max_steps < 1 or self.save_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
-            raise ValueError("max_steps, save_every, keep_checkpoints and log_every must be >= 1")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
+            raise FieldError("out_dir", f"must be a folder: {self.out_dir!r} is a file, not a folder")
 
 
 @dataclass
 class EngineConfig:
     backend: Literal["accelerate", "deepspeed"] = "accelerate"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
-    grad_accum: int = 1  # micro-batches per optimizer step
+    zero_stage: Annotated[int, Range(0, 3)] = 0  # DeepSpeed ZeRO stage
+    grad_accum: PositiveInt = 1  # micro-batches per optimizer step
     # Models that support it recompute activations in the backward pass: the same result, less memory.
     activation_checkpointing: bool = operational(False)
-    timeout_s: int = operational(600)  # a collective waiting longer than this fails the run instead of hanging
-    cpu_threads: int = operational(0)  # torch threads per process on CPU; 0: this node's cores shared out, data workers counted
+    timeout_s: PositiveInt = operational(600)  # a collective waiting longer than this fails the run instead of hanging
+    cpu_threads: NonNegativeInt = operational(0)  # torch threads per process on CPU; 0: this node's cores shared out, data workers counted
     # Convolutional models: weights and image batches in NHWC (channels-last) order, which oneDNN and
     # cuDNN convolve faster (a tiny dVAE's training step on 2 CPU cores: 244 -> 184 ms).
     channels_last: bool = operational(False)
 
     def validate(self) -> None:
-        if not 0 <= self.zero_stage <= 3:
-            raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
         if self.zero_stage and self.backend != "deepspeed":
             raise ValueError("zero_stage needs backend 'deepspeed'")
-        if self.grad_accum < 1 or self.timeout_s < 1:
-            raise ValueError("grad_accum and timeout_s must be >= 1")
         if self.channels_last and self.backend == "deepspeed":
             raise ValueError("channels_last needs backend 'accelerate': DeepSpeed keeps parameters in flat contiguous buffers")
 

@@ -103,7 +103,10 @@ class _Run:
         self.ema = (AveragedModel(self.backend.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema_decay),
                                   use_buffers=True) if cfg.trainer.ema_decay else None)
         self.loader = StreamingLoader(cfg.data, seed=cfg.trainer.seed, rank=dist.rank, world_size=dist.world_size)
-        self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.trainer.keep_checkpoints, dist)
+        weights = sum(t.numel() * t.element_size() for t in self.backend.module.state_dict().values())
+        # the weights, AdamW's two moments, and the EMA's copy
+        expected = weights * (3 + (self.ema is not None))
+        self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.trainer.keep_checkpoints, dist, expected)
         self.step, self.samples, self.nonfinite = 0, 0, 0
         self._consecutive_skips = 0
         self.preview: dict | None = None  # the batch image grids are drawn from, fixed for the run

@@ -4,20 +4,26 @@ Every stage config holds one `launch` section, declared with `launch_field()`: r
 what a stage computes, so the run cache leaves them out of a stage's hash."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import operational
+from pipeline.ranges import FieldError, NonNegativeInt, PositiveInt
+
+# sbatch's --time formats (minutes, [[days-]hours:]minutes:seconds, days-hours[:minutes]) and --mem sizes
+_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}(:\d{1,2})?)?|UNLIMITED|infinite)$")
+_SLURM_MEM = re.compile(r"^[1-9]\d*[KMGT]?$")
 
 
 @dataclass
 class LaunchConfig:
     """Where a stage runs: processes here (`t2i run`), and its SLURM resources (`t2i submit`)."""
 
-    nnodes: int = 1
-    nproc_per_node: int = 1  # processes per node: one per GPU on GPU nodes
-    gpus_per_node: int = 0
-    cpus_per_task: int = 2
+    nnodes: PositiveInt = 1
+    nproc_per_node: PositiveInt = 1  # processes per node: one per GPU on GPU nodes
+    gpus_per_node: NonNegativeInt = 0
+    cpus_per_task: PositiveInt = 2
     mem: str = ""  # e.g. "64G"; empty: the partition's default
     time: str = "01:00:00"  # SLURM time limit
     partition: str = ""
@@ -25,13 +31,15 @@ class LaunchConfig:
     qos: str = ""
     sbatch_extra: list[str] = field(default_factory=list)  # more `#SBATCH` options, e.g. "--constraint=a100"
     site_hook: str = ""  # a shell file sourced before the stage starts (module loads, venv activation)
-    signal_grace_s: int = 120  # SLURM signals the job this long before its time limit; it checkpoints and requeues
+    signal_grace_s: PositiveInt = 120  # SLURM signals the job this long before its time limit; it checkpoints and requeues
+    max_restarts: NonNegativeInt = 100  # times a job requeues itself after checkpointing on a signal
 
     def validate(self) -> None:
-        if self.nnodes < 1 or self.nproc_per_node < 1 or self.cpus_per_task < 1 or self.gpus_per_node < 0:
-            raise ValueError("nnodes, nproc_per_node and cpus_per_task must be >= 1, gpus_per_node >= 0")
-        if self.signal_grace_s < 1:
-            raise ValueError("signal_grace_s must be >= 1")
+        if not _SLURM_TIME.match(self.time):
+            raise FieldError("time", f"must be a SLURM time limit like '01:00:00', '90' (minutes) or '2-00:00:00', "
+                                     f"got {self.time!r}")
+        if self.mem and not _SLURM_MEM.match(self.mem):
+            raise FieldError("mem", f"must be a positive size like '64G' or '4000M', got {self.mem!r}")
         for option in self.sbatch_extra:
             if not option.startswith("--") or "\n" in option:
                 raise ValueError(f"sbatch_extra entries are single long options like '--constraint=a100', got {option!r}")

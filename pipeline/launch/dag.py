@@ -54,6 +54,7 @@ from pipeline.config import (
 from pipeline.engine.checkpoint import finished_step, latest, step_of
 from pipeline.files import write_json
 from pipeline.markers import COMPLETE_MARKER, LEGACY_STARTED_MARKER, RUN_RECORD
+from pipeline.owner import FolderBusy, check_free
 from pipeline.registry import load_stage
 
 
@@ -148,7 +149,9 @@ class Job:
     def prepare(self, fresh: bool = False, discard: bool = False) -> str:
         """Readies the output folder for this job and says what became of what it held (empty when
         nothing). `fresh` (from --from) starts over: the folder is kept as NAME.old-N, or deleted
-        with `discard`. A conflict must have been refused before (`check_folders`)."""
+        with `discard`. A conflict must have been refused before (`check_folders`); a folder another
+        process writes is refused here too (FolderBusy), as it may have started since."""
+        check_free(self.out_dir)
         state, detail = self.assess()
         note = ""
         if fresh and state is not Folder.EMPTY:
@@ -189,11 +192,18 @@ class Job:
 
 
 def check_folders(jobs: list[Job], forced: set[str], command: str) -> None:
-    """Raises RunConflict, naming every stage whose folder holds another result, its changed keys
-    and the ways on, unless the stage is `forced` (started again). Changes nothing but the markers
+    """Raises RunConflict, naming every stage to run whose folder another process writes, and every
+    stage whose folder holds another result, its changed keys and the ways on, unless the stage is
+    `forced` (started again). Changes nothing but the markers
     of folders from an earlier t2i whose config is this job's."""
     problems = []
     for job in jobs:
+        if job.name in forced or not job.is_complete():
+            try:
+                check_free(job.out_dir)
+            except FolderBusy as busy:
+                problems.append(f"stage {job.name!r}: {busy}")
+                continue
         if job.name in forced:
             continue
         state, detail = job.assess()

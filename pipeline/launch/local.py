@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from pipeline.launch.dag import Job, check_folders, forced_stages, load_pipeline
 from pipeline.markers import INTERRUPTED_EXIT_CODE
+from pipeline.owner import owned
 from pipeline.report import write_report
 
 
@@ -73,10 +74,16 @@ def run_pipeline(path: str | os.PathLike, from_stage: str | None = None, jobs: i
     INTERRUPTED_EXIT_CODE after Ctrl-C, SIGTERM or SIGHUP once the running stages have stopped.
     `from_stage` starts that stage and its dependents again, their folders kept as STAGE.old-N
     (deleted with `discard`). Raises RunConflict, before any stage runs, when a stage's folder
-    holds a run of other result-changing values (dag.py)."""
+    holds a run of other result-changing values or another process writes it (dag.py), and
+    FolderBusy when another `t2i run` works in the pipeline's run folder."""
     name, all_jobs = load_pipeline(path)
     forced = forced_stages(all_jobs, from_stage, path)
-    check_folders(all_jobs, forced, f"t2i run {path}")
+    with owned(all_jobs[0].out_dir.parent):  # a second `t2i run` of this pipeline is refused (FolderBusy)
+        check_folders(all_jobs, forced, f"t2i run {path}")
+        return _run_jobs(name, all_jobs, forced, jobs, discard)
+
+
+def _run_jobs(name: str, all_jobs: list[Job], forced: set[str], jobs: int, discard: bool) -> int:
     slots = core_slots(sorted(os.sched_getaffinity(0)), jobs)
     done: set[str] = set()
     waiting: list[Job] = []

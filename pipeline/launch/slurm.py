@@ -6,7 +6,10 @@ write. Every value that comes from a config is quoted for the shell (`shlex.quot
 name with spaces, quotes, `;` or `$(...)` is data, never a command. The job asks for `--requeue`
 and for SIGUSR1 `launch.signal_grace_s` seconds before its time limit; on that signal (or a plain
 `scontrol requeue`, which sends SIGTERM) the stage checkpoints at the next step boundary and the
-job requeues itself; the requeued job resumes from the checkpoint.
+job requeues itself; the requeued job resumes from the checkpoint. It requeues only after a
+checkpoint that this attempt wrote, and at most `launch.max_restarts` times, so a job that cannot
+resume fails instead of restarting forever. Each attempt appends its outcome to the stage folder's
+attempts log, which `t2i status` reads.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from pathlib import Path
 from pipeline.engine.checkpoint import latest, step_of
 from pipeline.launch.config import LaunchConfig
 from pipeline.launch.dag import Job, RunConflict, check_folders, forced_stages, load_pipeline
-from pipeline.markers import COMPLETE_MARKER, PREEMPTED_MARKER
+from pipeline.markers import ATTEMPTS_LOG, COMPLETE_MARKER, PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, StageError
+from pipeline.owner import check_free
 
 JOBS_FILE = "jobs.json"
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:,=@%+/\-]*$")
@@ -60,7 +64,11 @@ def job_script(job: Job, pipeline_name: str, workdir: Path) -> str:
         f"cd {shlex.quote(str(workdir))}",
         *([f"source {shlex.quote(launch.site_hook)}"] if launch.site_hook else []),
         f"out={shlex.quote(str(out))}",
-        'echo "t2i: job $SLURM_JOB_ID start $(date +%s.%N) restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',
+        'restart="${SLURM_RESTART_COUNT:-0}"',
+        'echo "t2i: job $SLURM_JOB_ID start $(date +%s.%N) restart $restart on $SLURM_JOB_NODELIST"',
+        "# A marker left by an earlier attempt says nothing of this one: only a checkpoint this attempt",
+        "# writes may requeue the job (a resume that crashes must not requeue it forever).",
+        f'rm -f "$out/{PREEMPTED_MARKER}"',
         "",
         "# One launcher per node (pipeline/launch/node.py) starts torchrun with the rendezvous on the",
         "# allocation's first node. SLURM's warning signal (B:USR1) reaches this shell only: pass it on;",
@@ -71,15 +79,23 @@ def job_script(job: Job, pipeline_name: str, workdir: Path) -> str:
         'wait "$step"; code=$?',
         'while kill -0 "$step" 2>/dev/null; do wait "$step"; code=$?; done  # wait again after a trap',
         "",
-        f'if [ -e "$out/{PREEMPTED_MARKER}" ]; then',
+        f'if [ -e "$out/{PREEMPTED_MARKER}" ] && [ "$restart" -lt {launch.max_restarts} ]; then',
+        "    outcome=requeued",
+        f'elif [ -e "$out/{PREEMPTED_MARKER}" ]; then',
+        f'    outcome="checkpointed, not requeued: launch.max_restarts={launch.max_restarts} reached"; code={PREEMPTED_EXIT_CODE}',
+        'elif [ "$code" -eq 0 ]; then',
+        f"    printf '%s\\n' {shlex.quote(job.hash)} > \"$out/{COMPLETE_MARKER}\"",
+        "    outcome=completed",
+        "else",
+        "    outcome=failed",
+        "fi",
+        f"printf '%s\\t%s\\t%s\\t%s\\n' \"$SLURM_JOB_ID\" \"$restart\" \"$code\" \"$outcome\" >> \"$out/{ATTEMPTS_LOG}\"",
+        'echo "t2i: job $SLURM_JOB_ID end $(date +%s.%N) exit $code: $outcome"',
+        'if [ "$outcome" = requeued ]; then',
         '    echo "t2i: checkpointed; requeueing job $SLURM_JOB_ID"',
         '    scontrol requeue "$SLURM_JOB_ID"',
         "    exit 0",
         "fi",
-        'if [ "$code" -eq 0 ]; then',
-        f"    printf '%s\\n' {shlex.quote(job.hash)} > \"$out/{COMPLETE_MARKER}\"",
-        "fi",
-        'echo "t2i: job $SLURM_JOB_ID end $(date +%s.%N) exit $code"',
         'exit "$code"',
     ]
     return "\n".join(lines) + "\n"
@@ -104,6 +120,7 @@ def submit(pipeline: str | Path, dry_run: bool = False, from_stage: str | None =
     check_folders(jobs, forced, f"t2i submit {pipeline}")
     workdir = Path.cwd().resolve()
     root = jobs[0].out_dir.parent
+    check_free(root)  # a `t2i run` of this pipeline is at work here
     record = _read_record(root)
     _refuse_active(jobs, forced, record)
     submitted: dict[str, str] = {}
@@ -124,10 +141,15 @@ def submit(pipeline: str | Path, dry_run: bool = False, from_stage: str | None =
         path = root / "slurm" / f"{job.name}.sbatch"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(script)
-        result = subprocess.run(["sbatch", "--parsable", *options, str(path)], capture_output=True, text=True)
+        try:
+            result = subprocess.run(["sbatch", "--parsable", *options, str(path)], capture_output=True, text=True)
+        except FileNotFoundError:
+            raise StageError("sbatch not found: t2i submit needs SLURM's commands on PATH "
+                             "(t2i run runs a pipeline on this machine without them)") from None
         if result.returncode != 0:
-            _write_record(root, record)
-            raise RuntimeError(f"sbatch failed for stage {job.name}: {result.stderr.strip()}")
+            withdrawn = _withdraw(root, record, submitted)
+            raise StageError(f"sbatch refused stage {job.name!r} ({path}): "
+                             f"{result.stderr.strip() or result.stdout.strip()}\n{withdrawn}")
         submitted[job.name] = result.stdout.strip().split(";")[0]
         record[job.name] = {"job": submitted[job.name], "script": str(path), "out_dir": str(job.out_dir.resolve()),
                             "needs": job.needs}
@@ -136,6 +158,18 @@ def submit(pipeline: str | Path, dry_run: bool = False, from_stage: str | None =
     if not dry_run:
         _write_record(root, record)
     return 0
+
+
+def _withdraw(root: Path, record: dict, submitted: dict[str, str]) -> str:
+    """Cancels the jobs a failed submission had queued, or records them when that fails so that
+    `t2i cancel` reaches them: none is left queued and unknown. Says which it did."""
+    if not submitted:
+        return "No job of this submission was queued."
+    jobs = ", ".join(f"{stage} (job {job})" for stage, job in submitted.items())
+    if subprocess.run(["scancel", *submitted.values()], capture_output=True).returncode == 0:
+        return f"Cancelled the jobs this submission had queued before it: {jobs}. Fix the cause and submit again."
+    _write_record(root, record)
+    return f"Could not cancel the jobs queued before it, {jobs}; they are recorded: t2i cancel {root}"
 
 
 _ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -187,11 +221,36 @@ def stage_states(run: str | Path) -> list[dict]:
             elif reason == "Dependency":
                 state = "PENDING (waiting on dependency)"
         checkpoint = latest(out / "checkpoints")
-        logs = sorted(out.glob("slurm-*.out"))
+        log = out / f"slurm-{entry['job']}.out"
         rows.append({"stage": name, "job": entry["job"], "state": state, "elapsed": elapsed,
                      "checkpoint": step_of(checkpoint) if checkpoint else None,
-                     "log": str(logs[-1]) if logs else str(out / f"slurm-{entry['job']}.out")})
+                     "attempts": attempts_of(out, entry["job"]), "cause": failure_cause(log), "log": str(log)})
     return rows
+
+
+def attempts_of(out: Path, job_id: str) -> list[str]:
+    """The outcome of each attempt of job `job_id` in stage folder `out`, oldest first, as its job
+    script recorded them ('restart 1: failed (exit 1)'); none for an attempt still running or killed."""
+    path = out / ATTEMPTS_LOG
+    rows = [line.split("\t") for line in path.read_text().splitlines()] if path.exists() else []
+    return [f"restart {restart}: {outcome}" + (f" (exit {code})" if code not in ("0", str(PREEMPTED_EXIT_CODE)) else "")
+            for job, restart, code, outcome in (row for row in rows if len(row) == 4) if job == job_id]
+
+
+def failure_cause(log: Path) -> str:
+    """The last error a job's log reports: a `t2i: error:` line, or the exception that ended the
+    last Python traceback; empty when there is none."""
+    if not log.exists():
+        return ""
+    cause, in_traceback = "", False
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("t2i: error:"):
+            cause, in_traceback = line.removeprefix("t2i: error:").strip(), False
+        elif line.startswith("Traceback (most recent call last)"):
+            in_traceback = True
+        elif in_traceback and line and not line[0].isspace():
+            cause, in_traceback = line.strip(), False
+    return cause
 
 
 def _job_state(job_id: str) -> tuple[str, str, str]:
@@ -210,6 +269,11 @@ def print_status(run: str | Path) -> int:
         checkpoint = f"step {row['checkpoint']}" if row["checkpoint"] is not None else "no checkpoint"
         print(f"{row['stage']:<{width}}  job {row['job']:<8} {row['state']:<40} {row['elapsed'] or '-':>10}  "
               f"{checkpoint:<14} {row['log']}")
+        troubled = [attempt for attempt in row["attempts"] if not attempt.endswith(("requeued", "completed"))]
+        if len(row["attempts"]) > 1 or troubled:  # a stage that restarted or failed says how
+            print(f"{'':<{width}}  attempts: {'; '.join(row['attempts'])}")
+        if troubled and row["cause"]:
+            print(f"{'':<{width}}  last error: {row['cause']}")
     return 0
 
 

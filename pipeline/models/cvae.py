@@ -22,18 +22,31 @@ from torch import Tensor, nn
 
 from pipeline.models.reduction import valid_mean
 from pipeline.models.text import TextEncoder, TextEncoderConfig
-from pipeline.models.vae import Decoder, Encoder, gaussian_kl, psnr, reconstruction_nll, reparameterise, standard_normal
+from pipeline.models.vae import (
+    Decoder,
+    Encoder,
+    check_stages,
+    gaussian_kl,
+    psnr,
+    reconstruction_nll,
+    reparameterise,
+    standard_normal,
+)
+from pipeline.ranges import Fraction, PositiveFloat, PositiveInt
 
 
 @dataclass
 class CVAEConfig:
-    image_size: int = 64  # divisible by 2 ** len(channel_mult)
-    channels: int = 32
-    channel_mult: tuple[int, ...] = (1, 2, 4)
-    latent_dim: int = 32
-    recon_sigma: float = 0.1  # fixed std of the Gaussian p(x|y,z), images in [-1, 1]
-    alpha: float = 0.5  # hybrid weight: alpha = 1 is exactly the CVAE loss, alpha = 0 the GSNN
+    image_size: PositiveInt = 64  # divisible by 2 ** len(channel_mult)
+    channels: PositiveInt = 32
+    channel_mult: tuple[PositiveInt, ...] = (1, 2, 4)
+    latent_dim: PositiveInt = 32
+    recon_sigma: PositiveFloat = 0.1  # fixed std of the Gaussian p(x|y,z), images in [-1, 1]
+    alpha: Fraction = 0.5  # hybrid weight: alpha = 1 is exactly the CVAE loss, alpha = 0 the GSNN
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+    def validate(self) -> None:
+        check_stages(self.image_size, self.channel_mult)
 
 
 class PriorNetwork(nn.Module):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,23 +35,30 @@ from pipeline.engine.task import Task
 from pipeline.models.autoregressive import Generators, KVCache, sample_logits
 from pipeline.models.guidance import drop_captions, guide, with_null_captions
 from pipeline.models.reduction import valid_mean
+from pipeline.ranges import Fraction, PositiveInt, Range
 
 
 @dataclass
 class DALLEConfig:
-    text_vocab_size: int = 49408  # open_clip's BPE; token 0 is padding
-    text_length: int = 256
-    image_vocab_size: int = 8192
-    image_grid: int = 32  # image tokens per side
-    width: int = 512
-    depth: int = 8
-    heads: int = 8
-    mlp_ratio: int = 4
-    dropout: float = 0.0
+    text_vocab_size: PositiveInt = 49408  # open_clip's BPE; token 0 is padding
+    text_length: PositiveInt = 256
+    image_vocab_size: PositiveInt = 8192
+    image_grid: PositiveInt = 32  # image tokens per side
+    width: PositiveInt = 512
+    depth: PositiveInt = 8
+    heads: PositiveInt = 8
+    mlp_ratio: PositiveInt = 4
+    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0
     attention: Literal["dense", "sparse"] = "dense"
-    conv_kernel: int = 11  # odd, <= image_grid: side of the "conv" mask's window
-    text_loss_weight: float = 1 / 8
-    caption_dropout: float = 0.1  # per-sample probability in training of an all-padding caption
+    conv_kernel: PositiveInt = 11  # odd, <= image_grid: side of the "conv" mask's window
+    text_loss_weight: Fraction = 1 / 8  # w: the image loss has weight 1 - w
+    caption_dropout: Fraction = 0.1  # per-sample probability in training of an all-padding caption
+
+    def validate(self) -> None:
+        if self.conv_kernel % 2 == 0 or self.conv_kernel > self.image_grid:
+            raise ValueError(f"conv_kernel must be odd and <= image_grid, got {self.conv_kernel}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
 
     @property
     def sequence_length(self) -> int:
@@ -101,7 +108,6 @@ def flops_per_sample(cfg: DALLEConfig) -> int:
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: DALLEConfig) -> None:
         super().__init__()
-        assert cfg.width % cfg.heads == 0
         self.heads, self.dropout = cfg.heads, cfg.dropout
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.width)
@@ -147,8 +153,7 @@ class DALLE(Task):
 
     def __init__(self, cfg: DALLEConfig) -> None:
         super().__init__()
-        if cfg.conv_kernel % 2 == 0 or cfg.conv_kernel > cfg.image_grid:
-            raise ValueError(f"conv_kernel must be odd and <= image_grid, got {cfg.conv_kernel}")
+        cfg.validate()
         self.cfg = cfg
         self.text_embedding = nn.Embedding(cfg.text_vocab_size + cfg.text_length, cfg.width)
         self.text_position = nn.Embedding(cfg.text_length, cfg.width)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,30 +37,39 @@ from pipeline.engine.task import Task
 from pipeline.models.categorical import codebook_usage, cosine_schedule, gumbel_softmax, kl_to_uniform, usage_gap
 from pipeline.models.reduction import valid_mean
 from pipeline.models.vae import psnr
+from pipeline.ranges import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
 
 IMAGE_CHANNELS = 3
 
 
 @dataclass
 class DVAEConfig:
-    image_size: int = 256  # divisible by 2 ** (group_count - 1), the downsampling factor
-    codebook_size: int = 8192  # K, dall_e's vocab_size
-    n_hid: int = 256  # width of the first encoder group and the last decoder group
-    n_blk_per_group: int = 2
-    group_count: int = 4  # the width doubles per group; all groups but the last resample by 2
-    n_init: int = 128  # width of the decoder's 1x1 input convolution
+    image_size: PositiveInt = 256  # divisible by 2 ** (group_count - 1), the downsampling factor
+    codebook_size: PositiveInt = 8192  # K, dall_e's vocab_size
+    # Width of the first encoder group and the last decoder group; a ResBlock's inner convolutions are a quarter as wide.
+    n_hid: Annotated[int, Range(4)] = 256
+    n_blk_per_group: PositiveInt = 2
+    group_count: PositiveInt = 4  # the width doubles per group; all groups but the last resample by 2
+    n_init: PositiveInt = 128  # width of the decoder's 1x1 input convolution
     recon: Literal["logit_laplace", "mse"] = "logit_laplace"
-    logit_laplace_eps: float = 0.1
+    # Pixels are mapped into [eps, 1 - eps]: 0 puts logit(x) at infinity, 0.5 maps every pixel to one value.
+    logit_laplace_eps: Annotated[float, Range(0, 0.5, low_open=True, high_open=True)] = 0.1
     straight_through: bool = False  # hard one-hot forward, relaxed gradient
-    temperature_start: float = 1.0
-    temperature_end: float = 1.0 / 16
-    temperature_steps: int = 150_000  # cosine anneal length
-    kl_weight_start: float = 0.0
-    kl_weight_end: float = 6.6
-    kl_weight_steps: int = 5_000  # cosine ramp length
+    temperature_start: PositiveFloat = 1.0
+    temperature_end: PositiveFloat = 1.0 / 16
+    temperature_steps: NonNegativeInt = 150_000  # cosine anneal length; 0: temperature_end from the start
+    kl_weight_start: NonNegativeFloat = 0.0
+    kl_weight_end: NonNegativeFloat = 6.6
+    kl_weight_steps: NonNegativeInt = 5_000  # cosine ramp length
     # Weight on the batch's code-usage gap log K - H(mean q) (wav2vec 2.0's diversity loss), per
     # position; 0 is the paper's recipe. Short runs collapse onto a few codes without it.
-    diversity_weight: float = 0.0
+    diversity_weight: NonNegativeFloat = 0.0
+
+    def validate(self) -> None:
+        if self.image_size % 2 ** (self.group_count - 1):
+            raise ValueError(f"image_size {self.image_size} is not divisible by 2 ** {self.group_count - 1}")
+        if self.recon not in ("logit_laplace", "mse"):
+            raise ValueError(f"recon must be 'logit_laplace' or 'mse', got {self.recon!r}")
 
 
 def map_pixels(x: Tensor, eps: float = 0.1) -> Tensor:
@@ -164,11 +173,8 @@ class DiscreteVAE(Task):
 
     def __init__(self, cfg: DVAEConfig) -> None:
         super().__init__()
+        cfg.validate()
         self.cfg = cfg
-        if cfg.image_size % 2 ** (cfg.group_count - 1):
-            raise ValueError(f"image_size {cfg.image_size} is not divisible by 2 ** {cfg.group_count - 1}")
-        if cfg.recon not in ("logit_laplace", "mse"):
-            raise ValueError(f"recon must be 'logit_laplace' or 'mse', got {cfg.recon!r}")
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 

@@ -28,23 +28,27 @@ from torch import Tensor, nn
 from pipeline.engine.task import Task
 from pipeline.models.categorical import codebook_usage, cosine_schedule, gumbel_softmax, kl_to_uniform
 from pipeline.models.reduction import valid_mean
-from pipeline.models.vae import Decoder, conv_block, psnr, reconstruction_nll
+from pipeline.models.vae import Decoder, check_stages, conv_block, psnr, reconstruction_nll
+from pipeline.ranges import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 
 @dataclass
 class GumbelVAEConfig:
-    image_size: int = 32  # divisible by 2 ** len(channel_mult)
-    channels: int = 32  # width of the first conv stage
-    channel_mult: tuple[int, ...] = (1, 2, 4)  # one stride-2 stage per entry
-    latent_variables: int = 32  # N categorical variables
-    categories: int = 16  # K categories per variable
-    temperature_start: float = 1.0
-    temperature_end: float = 0.5  # the paper's floor
-    temperature_steps: int = 10_000  # cosine anneal length
+    image_size: PositiveInt = 32  # divisible by 2 ** len(channel_mult)
+    channels: PositiveInt = 32  # width of the first conv stage
+    channel_mult: tuple[PositiveInt, ...] = (1, 2, 4)  # one stride-2 stage per entry
+    latent_variables: PositiveInt = 32  # N categorical variables
+    categories: PositiveInt = 16  # K categories per variable
+    temperature_start: PositiveFloat = 1.0
+    temperature_end: PositiveFloat = 0.5  # the paper's floor
+    temperature_steps: NonNegativeInt = 10_000  # cosine anneal length; 0: temperature_end from the start
     hard: bool = False  # straight-through: one-hot forward, relaxed gradient
-    kl_weight: float = 1.0
+    kl_weight: NonNegativeFloat = 1.0
     recon: Literal["gaussian", "laplace"] = "gaussian"
-    recon_sigma: float = 0.1  # fixed decoder scale (Gaussian std or Laplace b), images in [-1, 1]
+    recon_sigma: PositiveFloat = 0.1  # fixed decoder scale (Gaussian std or Laplace b), images in [-1, 1]
+
+    def validate(self) -> None:
+        check_stages(self.image_size, self.channel_mult)
 
 
 class LogitEncoder(nn.Module):
@@ -53,10 +57,9 @@ class LogitEncoder(nn.Module):
 
     def __init__(self, cfg: GumbelVAEConfig) -> None:
         super().__init__()
+        check_stages(cfg.image_size, cfg.channel_mult)
         widths = [cfg.channels * mult for mult in cfg.channel_mult]
         side = cfg.image_size // 2 ** len(widths)
-        if side * 2 ** len(widths) != cfg.image_size:
-            raise ValueError(f"image_size {cfg.image_size} is not divisible by 2 ** {len(widths)}")
         self.shape = (cfg.categories, cfg.latent_variables)
         self.features = nn.Sequential(*[conv_block(c_in, width, stride=2)
                                         for c_in, width in zip([3, *widths[:-1]], widths)])

@@ -45,22 +45,34 @@ from pipeline.models.guidance import drop_captions, guide, with_null_captions
 from pipeline.models.pixelcnn_sampling import PixelCNNSampler
 from pipeline.models.reduction import valid_mean
 from pipeline.models.text import TextEncoder, TextEncoderConfig
+from pipeline.ranges import Fraction, NonNegativeInt, PositiveInt
 
 
 @dataclass
 class PixelCNNConfig:
-    codebook_size: int = 512
-    grid: int = 8  # codes per side
-    channels: int = 64
-    layers: int = 8
-    kernel_size: int = 3  # odd
+    codebook_size: PositiveInt = 512
+    grid: PositiveInt = 8  # codes per side
+    channels: PositiveInt = 64
+    layers: PositiveInt = 8
+    kernel_size: PositiveInt = 3  # odd
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    condition_codebook_size: int = 0  # codes of the spatial condition s; 0 = no spatial condition
-    condition_grid: int = 0  # its codes per side, upsampled (nearest) to grid
+    condition_codebook_size: NonNegativeInt = 0  # codes of the spatial condition s; 0 = no spatial condition
+    condition_grid: NonNegativeInt = 0  # its codes per side, upsampled (nearest) to grid
     attention: bool = False
-    attention_every: int = 4  # after layers attention_every - 1, 2 * attention_every - 1, ...
-    heads: int = 4
-    caption_dropout: float = 0.1  # per-sample probability in training of an all-padding caption
+    attention_every: PositiveInt = 4  # after layers attention_every - 1, 2 * attention_every - 1, ...
+    heads: PositiveInt = 4
+    caption_dropout: Fraction = 0.1  # per-sample probability in training of an all-padding caption
+
+    def validate(self) -> None:
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        if (self.condition_codebook_size > 0) != (self.condition_grid > 0):
+            raise ValueError("condition_codebook_size and condition_grid must both be 0 or both positive")
+        if self.attention and self.channels % self.heads:
+            raise ValueError(f"channels {self.channels} is not divisible by heads {self.heads}")
+        if self.attention and self.attention_every > self.layers:
+            raise ValueError(f"attention is on but attention_every ({self.attention_every}) exceeds layers "
+                             f"({self.layers}): no layer would attend")
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -194,12 +206,7 @@ class PixelCNN(nn.Module):
 
     def __init__(self, cfg: PixelCNNConfig) -> None:
         super().__init__()
-        if cfg.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd, got {cfg.kernel_size}")
-        if (cfg.condition_codebook_size > 0) != (cfg.condition_grid > 0):
-            raise ValueError("condition_codebook_size and condition_grid must both be 0 or both positive")
-        if cfg.attention and cfg.channels % cfg.heads:
-            raise ValueError(f"channels {cfg.channels} is not divisible by heads {cfg.heads}")
+        cfg.validate()
         self.cfg = cfg
         c = cfg.channels
         self.embedding = nn.Embedding(cfg.codebook_size, c)

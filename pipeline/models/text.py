@@ -9,14 +9,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from pipeline.ranges import PositiveInt
+
 
 @dataclass
 class TextEncoderConfig:
-    vocab_size: int = 49408  # open_clip's BPE; token 0 is padding
-    width: int = 64
-    layers: int = 1
-    heads: int = 4
-    max_length: int = 77
+    vocab_size: PositiveInt = 49408  # open_clip's BPE; token 0 is padding
+    width: PositiveInt = 64
+    layers: PositiveInt = 1
+    heads: PositiveInt = 4
+    max_length: PositiveInt = 77
+
+    def validate(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
 
 
 class TextEncoder(nn.Module):
@@ -26,6 +32,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
+        cfg.validate()
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(0.01 * torch.randn(cfg.max_length, cfg.width))

@@ -26,17 +26,30 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.models.reduction import valid_mean
+from pipeline.ranges import NonNegativeFloat, PositiveFloat, PositiveInt
 
 
 @dataclass
 class VAEConfig:
-    image_size: int = 64  # divisible by 2 ** len(channel_mult)
-    channels: int = 32  # width of the first conv stage
-    channel_mult: tuple[int, ...] = (1, 2, 4)  # one stride-2 stage per entry
-    latent_dim: int = 32
-    beta: float = 1.0  # weight on the KL; beta = 1 is exactly the VAE
+    image_size: PositiveInt = 64  # divisible by 2 ** len(channel_mult)
+    channels: PositiveInt = 32  # width of the first conv stage
+    channel_mult: tuple[PositiveInt, ...] = (1, 2, 4)  # one stride-2 stage per entry
+    latent_dim: PositiveInt = 32
+    beta: NonNegativeFloat = 1.0  # weight on the KL; beta = 1 is exactly the VAE
     recon: Literal["gaussian", "laplace"] = "gaussian"
-    recon_sigma: float = 0.1  # fixed decoder scale (Gaussian std or Laplace b), images in [-1, 1]
+    recon_sigma: PositiveFloat = 0.1  # fixed decoder scale (Gaussian std or Laplace b), images in [-1, 1]
+
+    def validate(self) -> None:
+        check_stages(self.image_size, self.channel_mult)
+
+
+def check_stages(image_size: int, channel_mult: tuple[int, ...]) -> None:
+    """The shape the conv stacks of Encoder and Decoder need: at least one stride-2 stage, and an
+    image side they halve exactly."""
+    if not channel_mult:
+        raise ValueError("channel_mult is empty: it needs one entry per stride-2 stage")
+    if image_size % 2 ** len(channel_mult):
+        raise ValueError(f"image_size {image_size} is not divisible by 2 ** {len(channel_mult)}")
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None = None,
@@ -91,10 +104,9 @@ class Encoder(nn.Module):
     def __init__(self, image_size: int, channels: int, channel_mult: tuple[int, ...], latent_dim: int,
                  cond_dim: int = 0) -> None:
         super().__init__()
+        check_stages(image_size, channel_mult)
         widths = [channels * mult for mult in channel_mult]
         side = image_size // 2 ** len(widths)
-        if side * 2 ** len(widths) != image_size:
-            raise ValueError(f"image_size {image_size} is not divisible by 2 ** {len(widths)}")
         c_ins = [3, *widths[:-1]]
         self.features = nn.Sequential(*[conv_block(c_in, width, stride=2) for c_in, width in zip(c_ins, widths)])
         self.head = nn.Linear(widths[-1] * side * side + cond_dim, 2 * latent_dim)

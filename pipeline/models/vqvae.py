@@ -18,7 +18,7 @@ Encoder and decoder follow section 4.1: stride-2 4x4 convolutions, then residual
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
@@ -26,25 +26,33 @@ from torch import Tensor, nn
 from pipeline.models.reduction import valid_mean
 from pipeline.models.vae import psnr
 from pipeline.models.vq import VectorQuantizer
+from pipeline.ranges import Decay, NonNegativeFloat, NonNegativeInt, PositiveInt, Range
 
 IMAGE_CHANNELS = 3
+Width = Annotated[int, Range(2)]  # the stride-2 stages but the last are half as wide
 
 
 @dataclass
 class VQVAEConfig:
-    image_size: int = 64  # divisible by 2 ** downsample
-    channels: int = 128  # width of the encoder and decoder
-    downsample: int = 3  # stride-2 stages: the grid side is image_size / 2 ** downsample
-    res_blocks: int = 2
-    res_channels: int = 32  # inner width of a residual block
-    code_dim: int = 64  # D
-    codebook_size: int = 512  # K
-    beta: float = 0.25  # commitment weight
+    image_size: PositiveInt = 64  # divisible by 2 ** downsample
+    channels: Width = 128  # width of the encoder and decoder
+    downsample: PositiveInt = 3  # stride-2 stages: the grid side is image_size / 2 ** downsample
+    res_blocks: NonNegativeInt = 2
+    res_channels: PositiveInt = 32  # inner width of a residual block
+    code_dim: PositiveInt = 64  # D
+    codebook_size: PositiveInt = 512  # K
+    beta: NonNegativeFloat = 0.25  # commitment weight
     ema: bool = True  # EMA codebook updates instead of the codebook loss term
-    decay: float = 0.99
-    dead_code_threshold: float = 1.0  # restart codes used less than this per batch on average
+    decay: Decay = 0.99
+    dead_code_threshold: NonNegativeFloat = 1.0  # restart codes used less than this per batch on average
     restart: bool = True
     recon: Literal["mse", "laplace"] = "mse"
+
+    def validate(self) -> None:
+        if self.image_size % 2 ** self.downsample:
+            raise ValueError(f"image_size {self.image_size} is not divisible by 2 ** {self.downsample}")
+        if self.recon not in ("mse", "laplace"):
+            raise ValueError(f"recon must be 'mse' or 'laplace', got {self.recon!r}")
 
 
 def make_quantizer(cfg) -> VectorQuantizer:
@@ -117,11 +125,8 @@ class VQVAE(nn.Module):
 
     def __init__(self, cfg: VQVAEConfig) -> None:
         super().__init__()
+        cfg.validate()
         self.cfg = cfg
-        if cfg.image_size % 2 ** cfg.downsample:
-            raise ValueError(f"image_size {cfg.image_size} is not divisible by 2 ** {cfg.downsample}")
-        if cfg.recon not in ("mse", "laplace"):
-            raise ValueError(f"recon must be 'mse' or 'laplace', got {cfg.recon!r}")
         blocks = (cfg.res_blocks, cfg.res_channels)
         self.encoder = Encoder(IMAGE_CHANNELS, cfg.channels, cfg.downsample, *blocks)
         self.pre_quantize = nn.Conv2d(cfg.channels, cfg.code_dim, 1)

@@ -23,23 +23,30 @@ from torch import Tensor, nn
 
 from pipeline.models.reduction import valid_mean
 from pipeline.models.vae import psnr
-from pipeline.models.vqvae import IMAGE_CHANNELS, Decoder, Encoder, make_quantizer, reconstruction_error
+from pipeline.models.vqvae import IMAGE_CHANNELS, Decoder, Encoder, Width, make_quantizer, reconstruction_error
+from pipeline.ranges import Decay, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 
 @dataclass
 class VQVAE2Config:
-    image_size: int = 64  # divisible by 8: the top grid is R / 8, the bottom R / 4
-    channels: int = 128  # width of the encoders and decoders
-    res_blocks: int = 2
-    res_channels: int = 32  # inner width of a residual block
-    code_dim: int = 64  # D, both levels
-    codebook_size: int = 512  # K, each level
-    beta: float = 0.25  # commitment weight
+    image_size: PositiveInt = 64  # divisible by 8: the top grid is R / 8, the bottom R / 4
+    channels: Width = 128  # width of the encoders and decoders
+    res_blocks: NonNegativeInt = 2
+    res_channels: PositiveInt = 32  # inner width of a residual block
+    code_dim: PositiveInt = 64  # D, both levels
+    codebook_size: PositiveInt = 512  # K, each level
+    beta: NonNegativeFloat = 0.25  # commitment weight
     ema: bool = True  # EMA codebook updates instead of the codebook loss terms
-    decay: float = 0.99
-    dead_code_threshold: float = 1.0  # restart codes used less than this per batch on average
+    decay: Decay = 0.99
+    dead_code_threshold: NonNegativeFloat = 1.0  # restart codes used less than this per batch on average
     restart: bool = True
     recon: Literal["mse", "laplace"] = "mse"
+
+    def validate(self) -> None:
+        if self.image_size % 8:
+            raise ValueError(f"image_size {self.image_size} is not divisible by 8")
+        if self.recon not in ("mse", "laplace"):
+            raise ValueError(f"recon must be 'mse' or 'laplace', got {self.recon!r}")
 
 
 class VQVAE2(nn.Module):
@@ -47,11 +54,8 @@ class VQVAE2(nn.Module):
 
     def __init__(self, cfg: VQVAE2Config) -> None:
         super().__init__()
+        cfg.validate()
         self.cfg = cfg
-        if cfg.image_size % 8:
-            raise ValueError(f"image_size {cfg.image_size} is not divisible by 8")
-        if cfg.recon not in ("mse", "laplace"):
-            raise ValueError(f"recon must be 'mse' or 'laplace', got {cfg.recon!r}")
         c, d, blocks = cfg.channels, cfg.code_dim, (cfg.res_blocks, cfg.res_channels)
         self.encoder_bottom = Encoder(IMAGE_CHANNELS, c, 2, *blocks)  # R -> R/4
         self.encoder_top = Encoder(c, c, 1, *blocks)  # R/4 -> R/8

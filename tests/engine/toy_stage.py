@@ -26,6 +26,7 @@ class ToyModelConfig:
     sleep_s: float = operational(0.0)  # slows each step, so a test can kill the run between checkpoints
     hang_on_rank: int = operational(-1)  # this rank stops responding at call `hang_at_call`, as a dead rank would
     hang_at_call: int = operational(-1)
+    crash_on_resume: bool = operational(False)  # loading a checkpoint raises, as a resume that cannot succeed would
 
 
 @dataclass
@@ -40,6 +41,8 @@ class ToyModel(nn.Module):
         pixels = 3 * 8 * 8
         self.pool = nn.AdaptiveAvgPool2d(8)
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(pixels, cfg.width), nn.Tanh(), nn.Linear(cfg.width, pixels))
+        if cfg.crash_on_resume:
+            self.register_load_state_dict_pre_hook(_refuse_to_load)
 
     def forward(self, batch: dict) -> dict:
         self.calls += 1
@@ -56,6 +59,10 @@ class ToyModel(nn.Module):
         if self.calls == self.cfg.hang_at_call and int(os.environ.get("RANK", 0)) == self.cfg.hang_on_rank:
             time.sleep(3600)
         return {"loss": loss, "mse": loss.detach()}
+
+
+def _refuse_to_load(*args) -> None:
+    raise RuntimeError("toy stage: model.crash_on_resume is set")
 
 
 def run(cfg: Config) -> int:

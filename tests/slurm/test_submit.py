@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.engine.checkpoint import latest as latest_step
 from pipeline.launch.slurm import stage_states
 
 TOY = "tests.engine.toy_stage"
@@ -121,6 +122,80 @@ def test_a_requeued_stage_resumes_from_its_checkpoint_without_training_a_step_tw
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 25))  # each step once: the checkpoint was taken where the job stopped
     assert json.loads((out / "final" / "metrics.json").read_text())["step"] == 24
+
+
+def test_a_requeued_stage_that_cannot_resume_fails_once_and_status_says_why(slurm_cluster, tmp_path):
+    stages = _data_stage() + _toy_stage("toy", ["data"], "trainer.max_steps=40, trainer.save_every=1000, "
+                                                         "model.sleep_s=0.3, model.crash_on_resume=true")
+    pipeline = _write_pipeline(tmp_path / "crash.yaml", "crash", tmp_path / "runs", stages)
+    jobs = _submit(pipeline)
+    out = tmp_path / "runs" / "crash" / "toy"
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.time() < deadline, "the stage did not start training"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "requeue", jobs["toy"]], check=True)
+    _wait(jobs, timeout=300)  # before: requeued again and again, until cancelled
+    log = (out / f"slurm-{jobs['toy']}.out").read_text()
+    assert "restart 1" in log and "restart 2" not in log and "requeueing job" not in log, log
+    run = tmp_path / "runs" / "crash"
+    assert _states(run)["toy"] == "FAILED"
+    status = _t2i("status", str(run)).stdout
+    assert "attempts: restart 1: failed (exit 1)" in status, status  # SLURM's requeue killed attempt 0's script
+    assert "last error: RuntimeError: toy stage: model.crash_on_resume is set" in status, status
+
+
+def test_a_stage_requeues_itself_at_most_launch_max_restarts_times(slurm_cluster, tmp_path):
+    stages = _data_stage() + _toy_stage("toy", ["data"], "trainer.max_steps=40, trainer.save_every=1000, "
+                                                         "model.sleep_s=0.3, launch.max_restarts=0")
+    pipeline = _write_pipeline(tmp_path / "cap.yaml", "cap", tmp_path / "runs", stages)
+    jobs = _submit(pipeline)
+    out = tmp_path / "runs" / "cap" / "toy"
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.time() < deadline, "the stage did not start training"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", jobs["toy"]], check=True)
+    _wait(jobs, timeout=300)
+    run = tmp_path / "runs" / "cap"
+    assert _states(run)["toy"] == "FAILED" and latest_step(out / "checkpoints") is not None  # checkpointed, then stopped
+    status = _t2i("status", str(run)).stdout
+    assert "restart 0: checkpointed, not requeued: launch.max_restarts=0 reached" in status, status
+
+
+def test_a_local_run_is_refused_while_a_job_trains_the_stage_naming_the_job(slurm_cluster, tmp_path):
+    stages = _data_stage() + _toy_stage("toy", ["data"], "trainer.max_steps=60, model.sleep_s=0.3")
+    pipeline = _write_pipeline(tmp_path / "owned.yaml", "owned", tmp_path / "runs", stages)
+    jobs = _submit(pipeline)
+    out = tmp_path / "runs" / "owned" / "toy"
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists():
+        assert time.time() < deadline, "the stage did not start training"
+        time.sleep(0.5)
+    local = _t2i("run", str(pipeline))
+    subprocess.run(["scancel", *jobs.values()], check=True)
+    _wait(jobs)
+    # Before: the local run trained the same folder as the job.
+    assert local.returncode == 2 and f"SLURM job {jobs['toy']}" in local.stderr, local.stderr
+    assert "stage 'toy'" in local.stderr
+
+
+def test_when_sbatch_refuses_a_stage_the_jobs_queued_before_it_are_cancelled(slurm_cluster, tmp_path):
+    stages = _data_stage() + _toy_stage("toy", ["data"], "trainer.max_steps=2, launch.partition=nosuchpartition")
+    pipeline = _write_pipeline(tmp_path / "refused.yaml", "refused", tmp_path / "runs", stages)
+    result = _t2i("submit", str(pipeline))
+    # Before: a traceback, and the data job left queued.
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "sbatch refused stage 'toy'" in result.stderr and "invalid partition" in result.stderr.lower()
+    data_job = re.search(r"^data: submitted job (\d+)", result.stdout, re.MULTILINE).group(1)
+    assert f"Cancelled the jobs this submission had queued before it: data (job {data_job})" in result.stderr
+    _wait({"data": data_job}, timeout=60)
+    assert not (tmp_path / "runs" / "refused" / "slurm" / "jobs.json").exists()
+    fixed = _write_pipeline(tmp_path / "refused.yaml", "refused", tmp_path / "runs",
+                            _data_stage() + _toy_stage("toy", ["data"], "trainer.max_steps=2"))
+    jobs = _submit(fixed)  # nothing of the refused submission stands in the way
+    _wait(jobs)
+    assert set(_states(tmp_path / "runs" / "refused").values()) == {"COMPLETED"}
 
 
 def test_a_failing_stage_stops_its_dependents_and_status_says_why(slurm_cluster, tmp_path):

@@ -224,6 +224,13 @@ def test_describe_sizes_the_paper_prior_without_allocating_it():
     assert "stage dalle: 12,5" in result.stdout and "ZeRO 3, bf16, 512 ranks" in result.stdout
 
 
+def test_describe_of_a_missing_file_says_the_file_is_missing(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "describe", str(tmp_path / "dale.yaml")],
+                            capture_output=True, text=True, timeout=120)
+    # Before: "unknown stage", from the name of the folder the file would have been in.
+    assert result.returncode == 2 and f"{tmp_path / 'dale.yaml'}: no such config file" in result.stderr, result.stderr
+
+
 def test_describe_counts_the_logits_and_each_backends_bytes_per_parameter():
     base = {"trainer": {"out_dir": "x"}, "data": {"shards": "x"}, "dvae": "x"}
     cfg = load_config(dalle.Config, "configs/dalle/1node.yaml", base=base)  # DeepSpeed ZeRO 2, bf16, batch 16
