@@ -36,10 +36,10 @@ def test_the_library_never_imports_a_stage():
 
 def _pure(name: str) -> bool:
     """Whether a model file may import `name`: torch (its collectives too, as SyncBatchNorm and the
-    EMA codebook use them), the standard library but not its files, processes and signals, other
-    models and the task contract."""
+    EMA codebook use them) and diffusers' networks and schedulers, the standard library but not its
+    files, processes and signals, other models, the task contract and the config ranges."""
     top = name.split(".")[0]
-    if top == "torch":
+    if top in ("torch", "diffusers"):
         return True
     if top in sys.stdlib_module_names:
         return top not in {"os", "pathlib", "shutil", "subprocess", "signal", "socket", "tempfile", "io"}
