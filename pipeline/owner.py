@@ -5,13 +5,17 @@ The owner holds a POSIX record lock (`fcntl.lockf`) on the folder's `.t2i-owner`
 records who it is (host, process, SLURM job, command, since when) for the message a second writer
 gets. The lock belongs to the process: its forked data-loader workers do not inherit it (as they
 would a `flock`, keeping it after a `kill -9` of the run), and the kernel releases it when the
-process dies, however it dies, so a killed run never leaves a stale lock behind. It also works
-across nodes on NFS. The file stays (removing a lock file races with the next owner); the owner
-never opens it a second time, as closing any descriptor of it would release the lock.
+process dies, however it dies, so a killed run never leaves a stale lock behind. On NFS the lock
+goes through the lock manager (NFSv3: a client that crashes holds its locks until it comes back);
+a file system without locks (ENOLCK, ENOSYS: `nolock` mounts, Lustre without flock) gets a warning
+that a second writer will go undetected, not a refusal. The file stays (removing a lock file races
+with the next owner); the owner never opens it a second time, as closing any descriptor of it would
+release the lock.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -36,14 +40,11 @@ def owned(folder: str | os.PathLike) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / OWNER_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # EAGAIN or EACCES: another process holds it
-            raise FolderBusy(_busy_message(folder)) from None
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
-              "command": " ".join(sys.argv), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
+        if _lock(fd, fcntl.LOCK_EX, folder):
+            me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
+                  "command": " ".join(sys.argv), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -57,12 +58,25 @@ def check_free(folder: str | os.PathLike) -> None:
         return
     fd = os.open(path, os.O_RDONLY)
     try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            raise FolderBusy(_busy_message(Path(folder))) from None
+        _lock(fd, fcntl.LOCK_SH, Path(folder))
     finally:
         os.close(fd)
+
+
+def _lock(fd: int, kind: int, folder: Path) -> bool:
+    """Takes a lock of `kind` on `fd` without waiting: True when taken, FolderBusy when another
+    process holds it, False (with a warning) when the file system has no locks."""
+    try:
+        fcntl.lockf(fd, kind | fcntl.LOCK_NB)
+        return True
+    except OSError as error:
+        if error.errno in (errno.EAGAIN, errno.EACCES):
+            raise FolderBusy(_busy_message(folder)) from None
+        if error.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    print(f"t2i: warning: {folder}'s file system has no locks: a second writer of it will not be refused",
+          file=sys.stderr, flush=True)
+    return False
 
 
 def _busy_message(folder: Path) -> str:

@@ -13,8 +13,8 @@ from typing import Annotated, Any, get_args, get_origin
 
 @dataclasses.dataclass(frozen=True)
 class Range:
-    """The numbers a config field accepts, declared in its type: `Annotated[int, Range(1)]`.
-    `Range()` declares that any finite number makes sense (a seed, a signed offset)."""
+    """The numbers a config field accepts, declared in its type: `Annotated[int, Range(1)]`;
+    `Range()` declares that any finite number makes sense."""
 
     low: float | None = None
     high: float | None = None
@@ -37,10 +37,8 @@ class Range:
 # The ranges most fields share. A field with another range spells it out: Annotated[float, Range(0, 0.5)].
 PositiveInt = Annotated[int, Range(1)]
 NonNegativeInt = Annotated[int, Range(0)]
-AnyInt = Annotated[int, Range()]
 PositiveFloat = Annotated[float, Range(0, low_open=True)]
 NonNegativeFloat = Annotated[float, Range(0)]
-AnyFloat = Annotated[float, Range()]
 Fraction = Annotated[float, Range(0, 1)]
 Decay = Annotated[float, Range(0, 1, high_open=True)]  # of a moving average: Adam's betas, an EMA, VQ codebook statistics
 

@@ -109,7 +109,8 @@ class WorkerStream:
                     state.count_skip(shortfall)
                 check_error_budget(state.samples, state.skipped, state.bad_shards,
                                    spec.max_bad_fraction, spec.budget_min_samples)
-            if not items:
+            if not items:  # the plan is read; its shortfalls, counted, must not count again on resume
+                state.segment, state.offset = following
                 return
             order = list(range(len(items)))
             if spec.shuffle_buffer > 1:

@@ -5,8 +5,10 @@ hash its files between them and rank 0 writes the `COMMITTED` marker inside it, 
 sha256 and size of every file, and renames the folder to `step-NNNNNNNN/`. So a folder under a
 final name is always complete; a save killed part way leaves only a `.tmp-` folder, which the next
 save removes before it writes (a leftover on a nearly full disk would make it fail too). A save
-that fails removes its own `.tmp-` folder; one that fails for lack of space raises DiskFull,
-naming the folder, the space free and the space a checkpoint of the run takes. Resume takes the newest committed folder whose files all match their checksums,
+that cannot fit (the newest checkpoint's size, or an estimate before the first, against the space
+free) is refused before anything is written, and one that fails anyway removes its own `.tmp-`
+folder; for lack of space both raise DiskFull, naming the folder, the space free and the space a
+checkpoint of the run takes. Resume takes the newest committed folder whose files all match their checksums,
 checked before anything in it is loaded (or unpickled): a damaged one is reported by name, renamed
 `damaged-step-NNNNNNNN/` and passed over for the one before it. Old checkpoints are deleted only
 after a newer one is committed, keeping the newest `keep`.
@@ -70,7 +72,7 @@ def finished_step(out: Path) -> int | None:
 
 class Checkpointer:
     def __init__(self, root: Path, keep: int, dist: DistInfo, expected_bytes: int = 0) -> None:
-        """`expected_bytes`: about how much a checkpoint takes, for the message when the first one does not fit."""
+        """`expected_bytes`: about how much a checkpoint takes, until the first one is written."""
         self.root, self.keep, self.dist, self.expected_bytes = Path(root), keep, dist, expected_bytes
 
     def newest_intact(self) -> Path | None:
@@ -117,7 +119,16 @@ class Checkpointer:
         final = self.root / f"step-{step:08d}"
         if self.dist.is_main:
             self._remove_leftovers()
-            temporary.mkdir(parents=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+        barrier()
+        # Refused before writing when it cannot fit: a rank failing inside a back end's save (DeepSpeed's
+        # ends in a barrier) would leave the others waiting in a collective it never reaches.
+        free, need = shutil.disk_usage(self.root).free, self._checkpoint_bytes()
+        (short,) = any_rank(free < need)
+        if short:
+            raise self._disk_full(step, free, need)
+        if self.dist.is_main:
+            temporary.mkdir()
         barrier()
         try:
             write(temporary)
@@ -149,17 +160,23 @@ class Checkpointer:
         barrier()
         if self.dist.is_main:
             shutil.rmtree(temporary, ignore_errors=True)
-        full = error is not None and (_no_space(error) or free < _NEARLY_FULL_BYTES)
-        if full:
-            last = latest(self.root)
-            size = sum(path.stat().st_size for path in last.rglob("*") if path.is_file()) if last else self.expected_bytes
-            since = f"; it resumes from {last.name}" if last else ""
-            raise DiskFull(f"no space left on the device of {self.root} to write checkpoint step {step}: {_size(free)} "
-                           f"free, a checkpoint of this run takes {'' if last else 'about '}{_size(max(size, written))}. "
-                           f"Free space there, or lower trainer.keep_checkpoints, then run the same command{since}") from error
+        if error is not None and (_no_space(error) or free < _NEARLY_FULL_BYTES):
+            raise self._disk_full(step, free, max(self._checkpoint_bytes(), written)) from error
         if error is None:
             raise StageError(f"checkpoint step {step} failed on another rank; its error is in that rank's output")
         raise error
+
+    def _checkpoint_bytes(self) -> int:
+        """The size of the newest committed checkpoint, or before the first, `expected_bytes`."""
+        last = latest(self.root)
+        return sum(path.stat().st_size for path in last.rglob("*") if path.is_file()) if last else self.expected_bytes
+
+    def _disk_full(self, step: int, free: int, need: int) -> DiskFull:
+        last = latest(self.root)
+        since = f"; it resumes from {last.name}" if last else ""
+        return DiskFull(f"no space left on the device of {self.root} to write checkpoint step {step}: {_size(free)} free, "
+                        f"a checkpoint of this run takes {'' if last else 'about '}{_size(need)}. Free space there, "
+                        f"or lower trainer.keep_checkpoints, then run the same command{since}")
 
     def _remove_leftovers(self) -> None:
         """Deletes the folders of saves that were killed or failed."""

@@ -104,8 +104,8 @@ class _Run:
                                   use_buffers=True) if cfg.trainer.ema_decay else None)
         self.loader = StreamingLoader(cfg.data, seed=cfg.trainer.seed, rank=dist.rank, world_size=dist.world_size)
         weights = sum(t.numel() * t.element_size() for t in self.backend.module.state_dict().values())
-        # the weights, AdamW's two moments, and the EMA's copy
-        expected = weights * (3 + (self.ema is not None))
+        moments = sum(2 * 4 * p.numel() for p in self.backend.module.parameters() if p.requires_grad)  # AdamW's, fp32
+        expected = weights * (1 + (self.ema is not None)) + moments
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.trainer.keep_checkpoints, dist, expected)
         self.step, self.samples, self.nonfinite = 0, 0, 0
         self._consecutive_skips = 0

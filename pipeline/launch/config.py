@@ -12,8 +12,8 @@ from pipeline.config import operational
 from pipeline.ranges import FieldError, NonNegativeInt, PositiveInt
 
 # sbatch's --time formats (minutes, [[days-]hours:]minutes:seconds, days-hours[:minutes]) and --mem sizes
-_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}(:\d{1,2})?)?|UNLIMITED|infinite)$")
-_SLURM_MEM = re.compile(r"^[1-9]\d*[KMGT]?$")
+_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}(:\d{1,2})?)?|unlimited|infinite)$", re.I)
+_SLURM_MEM = re.compile(r"^\d+[KMGT]?$", re.I)  # 0: all of the node's memory
 
 
 @dataclass
@@ -39,7 +39,7 @@ class LaunchConfig:
             raise FieldError("time", f"must be a SLURM time limit like '01:00:00', '90' (minutes) or '2-00:00:00', "
                                      f"got {self.time!r}")
         if self.mem and not _SLURM_MEM.match(self.mem):
-            raise FieldError("mem", f"must be a positive size like '64G' or '4000M', got {self.mem!r}")
+            raise FieldError("mem", f"must be a size like '64G' or '4000M' (0: all of a node's), got {self.mem!r}")
         for option in self.sbatch_extra:
             if not option.startswith("--") or "\n" in option:
                 raise ValueError(f"sbatch_extra entries are single long options like '--constraint=a100', got {option!r}")

@@ -93,8 +93,10 @@ def job_script(job: Job, pipeline_name: str, workdir: Path) -> str:
         'echo "t2i: job $SLURM_JOB_ID end $(date +%s.%N) exit $code: $outcome"',
         'if [ "$outcome" = requeued ]; then',
         '    echo "t2i: checkpointed; requeueing job $SLURM_JOB_ID"',
-        '    scontrol requeue "$SLURM_JOB_ID"',
-        "    exit 0",
+        '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        f"    printf '%s\\t%s\\t%s\\t%s\\n' \"$SLURM_JOB_ID\" \"$restart\" {PREEMPTED_EXIT_CODE} "
+        f"'checkpointed, but scontrol requeue failed' >> \"$out/{ATTEMPTS_LOG}\"",
+        f"    exit {PREEMPTED_EXIT_CODE}",
         "fi",
         'exit "$code"',
     ]
@@ -237,19 +239,25 @@ def attempts_of(out: Path, job_id: str) -> list[str]:
             for job, restart, code, outcome in (row for row in rows if len(row) == 4) if job == job_id]
 
 
-def failure_cause(log: Path) -> str:
-    """The last error a job's log reports: a `t2i: error:` line, or the exception that ended the
-    last Python traceback; empty when there is none."""
+def failure_cause(log: Path, tail_bytes: int = 1 << 20) -> str:
+    """The last error in the end of a job's log: a `t2i: error:` or `t2i: config error:` line, or the
+    exception that ended the last Python traceback, torchrun's ChildFailedError passed over (it only
+    says a rank failed, whose own error is above it); empty when there is none."""
     if not log.exists():
         return ""
+    with open(log, "rb") as handle:
+        handle.seek(max(0, log.stat().st_size - tail_bytes))
+        lines = handle.read().decode(errors="replace").splitlines()
     cause, in_traceback = "", False
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("t2i: error:"):
-            cause, in_traceback = line.removeprefix("t2i: error:").strip(), False
+    for line in lines:
+        if line.startswith(("t2i: error:", "t2i: config error:")):
+            cause, in_traceback = line.removeprefix("t2i: ").removeprefix("error: ").strip(), False
         elif line.startswith("Traceback (most recent call last)"):
             in_traceback = True
         elif in_traceback and line and not line[0].isspace():
-            cause, in_traceback = line.strip(), False
+            in_traceback = False
+            if "ChildFailedError" not in line:
+                cause = line.strip()
     return cause
 
 

@@ -153,6 +153,27 @@ def test_a_sizes_file_claiming_more_than_a_shard_holds_counts_the_shortfall(make
     assert totals["skipped"] == {"missing_samples": 4} and totals["bad_shards"] == {shards[0]: 4}
 
 
+@pytest.mark.parametrize("shuffle_buffer", [0, 3, 4])
+def test_a_resume_counts_a_shards_shortfall_once(tmp_path, shuffle_buffer):
+    shard = _shard(tmp_path, 14)
+    _cut(shard, inside="k0009.jpg")
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 20}))
+    cfg = _config(shard, batch_size=2, shuffle_buffer=shuffle_buffer, shuffle_shards=False, budget_min_samples=10**6)
+    straight = StreamingLoader(cfg)
+    every = _keys(straight)
+    for stop in range(1, straight.steps_per_epoch):  # stopped after each batch, the padding ones too
+        first, batches = StreamingLoader(cfg), []
+        for batch in first.epoch_batches():
+            batches.append(batch)
+            if len(batches) == stop:
+                break
+        resumed = StreamingLoader(cfg)
+        resumed.load_state_dict(first.state_dict())
+        # Before: stopped in the padding, the resumed loader read the shard's end again and counted it twice.
+        assert sorted([key for batch in batches for key in _valid_keys(batch)] + _keys(resumed)) == every
+        assert resumed.totals()["skipped"] == straight.totals()["skipped"], stop
+
+
 @pytest.mark.parametrize("name,content", [
     ("sizes.json", "{not json"), ("sizes.json", '{"00000.tar": "many"}'), ("sizes.json", '{"00000.tar": -3}'),
     ("sizes.json", "[4]"), ("00000_stats.json", '{"successes": 2.5}'),

@@ -91,3 +91,36 @@ def test_a_checkpoint_from_before_checksums_is_taken_as_it_is(tmp_path):
     folder = Checkpointer(tmp_path, keep=3, dist=ONE_PROCESS).save(4, _writer(4))
     (folder / MARKER).write_text("4\n")
     assert Checkpointer(tmp_path, keep=3, dist=ONE_PROCESS).newest_intact() == folder
+
+
+def test_a_save_that_runs_out_of_space_part_way_is_removed_and_says_so(tmp_path):
+    import errno
+
+    from pipeline.engine.checkpoint import DiskFull
+
+    checkpoints = Checkpointer(tmp_path, keep=2, dist=ONE_PROCESS)
+    checkpoints.save(10, _writer(10))
+
+    def fills_the_disk(folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"part of a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFull, match="to write checkpoint step 20: .* free, .* takes .*resumes from step-00000010"):
+        checkpoints.save(20, fills_the_disk)
+    assert [path.name for path in tmp_path.iterdir()] == ["step-00000010"]  # the partial save is gone
+
+    def fails(folder: Path) -> None:
+        raise ValueError("not a disk problem")
+
+    with pytest.raises(ValueError, match="not a disk problem"):
+        checkpoints.save(30, fails)
+    assert [path.name for path in tmp_path.iterdir()] == ["step-00000010"]
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path):
+    from pipeline.engine.checkpoint import DiskFull
+
+    checkpoints = Checkpointer(tmp_path, keep=2, dist=ONE_PROCESS, expected_bytes=1 << 62)
+    with pytest.raises(DiskFull, match="takes about 4294967296.0 GiB"):
+        checkpoints.save(10, _writer(10))
+    assert not list(tmp_path.iterdir())

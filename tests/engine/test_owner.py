@@ -74,3 +74,16 @@ def test_ownership_is_exclusive_and_dies_with_its_process_not_with_its_forked_ch
         check_free(folder)  # before (flock): the sleeping child still held it
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_a_file_system_without_locks_gets_a_warning_not_a_refusal(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, kind):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with owned(tmp_path / "f"):
+        check_free(tmp_path / "f")
+    assert "has no locks: a second writer of it will not be refused" in capsys.readouterr().err

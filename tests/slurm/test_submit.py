@@ -294,3 +294,17 @@ def test_submitting_again_while_the_stages_jobs_are_queued_or_running_is_refused
     _wait(jobs)
     assert again.returncode == 2 and "still queued or running from an earlier submission" in again.stderr
     assert f"toy (job {jobs['toy']}," in again.stderr and "submitted job" not in again.stdout
+
+
+def test_the_last_error_of_a_log_passes_over_torchruns_child_failed_error(tmp_path):
+    from pipeline.launch.slurm import failure_cause
+
+    log = tmp_path / "slurm-1.out"
+    child_failed = ("Traceback (most recent call last):\n  File \"run.py\", line 1\n"
+                    "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n====\npipeline.cli FAILED\n")
+    log.write_text("t2i: job 1 start\n[rank1]: Traceback (most recent call last):\nTraceback (most recent call last):\n"
+                   "  File \"loop.py\", line 3\nRuntimeError: rank 1 ran out of memory\n" + child_failed)
+    assert failure_cause(log) == "RuntimeError: rank 1 ran out of memory"
+    log.write_text("t2i: config error: command line: key 'optim.lr' must be > 0, got 0\n" + child_failed)
+    assert failure_cause(log) == "config error: command line: key 'optim.lr' must be > 0, got 0"
+    assert failure_cause(tmp_path / "absent.out") == ""
