@@ -24,6 +24,7 @@ STAGES = {
     "pixelcnn": "stages.pixelcnn",
     "pretokenize": "stages.pretokenize",
     "dalle": "stages.dalle",
+    "kl_autoencoder": "stages.kl_autoencoder",
     "sample": "stages.sample",
     "score": "stages.score",
 }
