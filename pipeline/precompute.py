@@ -11,6 +11,11 @@ i % world_size. Rank 0 finally writes `manifest.json`.
 
 Loader workers decode the images and tokenize the captions while the main process encodes; one
 thread writes the tars, in order, at most two batches behind the encoder.
+
+A precompute stage's config extends `PrecomputeConfig` with the run its encoder loads, and its
+`run` is `run_precompute(cfg, make_encoder)`. An encoder may derive facts from the statistics of
+all its values once every shard is written (`derived_info`, e.g. a latent scale factor); they join
+its `info` in the manifest.
 """
 from __future__ import annotations
 
@@ -19,20 +24,46 @@ import os
 import random
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 import webdataset
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from pipeline.config import operational
 from pipeline.data.precomputed import MANIFEST, Member, sample_members
 from pipeline.data.samples import collate, image_sample
 from pipeline.data.tars import Skip, expand_shards, is_local, iter_raw_samples, local_path, whole_second_mtime
-from pipeline.data.text import make_tokenizer
-from pipeline.engine.distributed import DistInfo, barrier
+from pipeline.data.text import check_tokenizer, make_tokenizer
+from pipeline.engine.distributed import DistInfo, barrier, free_cores, setup, teardown
 from pipeline.files import write_json
+from pipeline.launch.config import LaunchConfig, launch_field
+from pipeline.ranges import NonNegativeInt, PositiveInt
+
+
+@dataclass
+class PrecomputeConfig:
+    """What every precompute stage's config holds; a stage adds the run its encoder loads."""
+
+    out_dir: str = ""
+    shards: str = ""  # the image-text shards: pattern, folder or '::'-joined list
+    tokenizer: str = "open_clip:ViT-B-32"
+    text_length: PositiveInt = 32
+    batch_size: PositiveInt = operational(64)  # images encoded at once: the values do not depend on it
+    num_workers: NonNegativeInt = operational(2)
+    # The encoder's torch threads on CPU; 0: all of this process's cores. The loader workers only
+    # decode and tokenize, a small part of a core beside the encoder, and sleep once their queue is full.
+    cpu_threads: NonNegativeInt = operational(0)
+    launch: LaunchConfig = launch_field()
+
+    def validate(self) -> None:
+        for key in ("out_dir", "shards"):
+            if not getattr(self, key):
+                raise ValueError(f"{key} is required")
+        check_tokenizer(self.tokenizer)
 
 
 class Encoder(Protocol):
@@ -48,6 +79,19 @@ class Encoder(Protocol):
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
         """A batch (image (B, 3, R, R) in [-1, 1], caption, key, text_tokens) -> each member (B, *shape)."""
         ...
+
+
+def run_precompute(cfg: PrecomputeConfig, make_encoder: Callable[[torch.device], Encoder]) -> int:
+    """A precompute stage's `run`: this process's share of the shards (torchrun: any number of
+    ranks and nodes), encoded by `make_encoder(device)`."""
+    dist = setup("accelerate", timeout_s=3600)
+    try:
+        torch.set_num_threads(cfg.cpu_threads or free_cores(0))
+        precompute(make_encoder(dist.device), cfg.shards, cfg.out_dir, batch_size=cfg.batch_size,
+                   num_workers=cfg.num_workers, dist=dist)
+    finally:
+        teardown()
+    return 0
 
 
 def precompute(encoder: Encoder, shards: str, out_dir: str | Path, *, batch_size: int, num_workers: int,
@@ -181,9 +225,11 @@ def _finished(out: Path, name: str, made_by: dict) -> bool:
 def _write_manifest(out: Path, urls: list[str], names: list[str], encoder: Encoder) -> None:
     stats = {name: json.loads(_stats_path(out, name).read_text()) for name in names}
     write_json(out / "sizes.json", {name: entry["successes"] for name, entry in stats.items()})
+    statistics = _statistics(stats.values())
+    derived = encoder.derived_info(statistics) if callable(getattr(encoder, "derived_info", None)) else {}
     write_json(out / MANIFEST, {
         "members": {name: member.as_dict() for name, member in encoder.members.items()},
-        "producer": encoder.producer, "info": encoder.info, "statistics": _statistics(stats.values()),
+        "producer": encoder.producer, "info": {**encoder.info, **derived}, "statistics": statistics,
         "source_shards": urls, "samples": {name: entry["successes"] for name, entry in stats.items()},
         "skipped": {name: entry["skipped"] for name, entry in stats.items() if entry["skipped"]}})
 

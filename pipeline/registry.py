@@ -25,6 +25,7 @@ STAGES = {
     "pretokenize": "stages.pretokenize",
     "dalle": "stages.dalle",
     "kl_autoencoder": "stages.kl_autoencoder",
+    "latents": "stages.latents",
     "sample": "stages.sample",
     "score": "stages.score",
 }

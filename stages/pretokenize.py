@@ -12,13 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import operational
 from pipeline.data.precomputed import Member
-from pipeline.data.text import check_tokenizer, portable, vocab_size
-from pipeline.engine.distributed import free_cores, setup, teardown
-from pipeline.launch.config import LaunchConfig, launch_field
-from pipeline.precompute import precompute
-from pipeline.ranges import NonNegativeInt, PositiveInt
+from pipeline.data.text import portable, vocab_size
+from pipeline.precompute import PrecomputeConfig, run_precompute
 from pipeline.runs import load_run
 
 OUTPUT = "out_dir"
@@ -26,27 +22,16 @@ CODE_STAGES = ("dvae", "vqvae", "vqvae2")
 
 
 @dataclass
-class Config:
-    out_dir: str = ""
-    shards: str = ""  # the image-text shards: pattern, folder or '::'-joined list
+class Config(PrecomputeConfig):
     autoencoder: str = ""  # the output folder of a trained dvae, vqvae or vqvae2 stage
     autoencoder_stage: str = "dvae"  # which of those stages made it
-    tokenizer: str = "open_clip:ViT-B-32"
-    text_length: PositiveInt = 32
-    batch_size: PositiveInt = operational(64)  # images encoded at once: the codes do not depend on it
-    num_workers: NonNegativeInt = operational(2)
-    # The encoder's torch threads on CPU; 0: all of this process's cores. The loader workers only
-    # decode and tokenize, a small part of a core beside the encoder, and sleep once their queue is full.
-    cpu_threads: NonNegativeInt = operational(0)
-    launch: LaunchConfig = launch_field()
 
     def validate(self) -> None:
-        for key in ("out_dir", "shards", "autoencoder"):
-            if not getattr(self, key):
-                raise ValueError(f"{key} is required")
+        super().validate()
+        if not self.autoencoder:
+            raise ValueError("autoencoder is required")
         if self.autoencoder_stage not in CODE_STAGES:
             raise ValueError(f"autoencoder_stage must be one of {', '.join(CODE_STAGES)}, got {self.autoencoder_stage!r}")
-        check_tokenizer(self.tokenizer)
 
 
 class CodeEncoder:
@@ -87,11 +72,4 @@ def encode(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def run(cfg: Config) -> int:
-    dist = setup("accelerate", timeout_s=3600)
-    try:
-        torch.set_num_threads(cfg.cpu_threads or free_cores(0))
-        precompute(CodeEncoder(cfg, dist.device), cfg.shards, cfg.out_dir, batch_size=cfg.batch_size,
-                   num_workers=cfg.num_workers, dist=dist)
-    finally:
-        teardown()
-    return 0
+    return run_precompute(cfg, lambda device: CodeEncoder(cfg, device))

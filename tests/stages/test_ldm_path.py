@@ -33,3 +33,39 @@ def test_the_kl_autoencoder_trains_its_discriminator_from_the_start_step_and_log
     model = load_run(out).model
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     assert model.encode(images).mean.shape == (2, 4, 16, 16) and model.reconstruct(images).shape == images.shape
+
+
+def test_latent_shards_hold_each_images_posterior_and_the_manifest_its_scale_factor(tmp_path):
+    from pipeline.data.decode import decode_image
+    from pipeline.data.loader import DataConfig, StreamingLoader
+    from pipeline.data.precomputed import require
+    from pipeline.data.tars import iter_raw_samples
+    from stages import latents
+
+    build(ShardsConfig(out_dir=str(tmp_path / "shapes"), count=40, resolution=32, samples_per_shard=20))
+    klae = tmp_path / "klae"
+    cfg = load_config(kl_autoencoder.Config, "configs/kl_autoencoder/tiny.yaml",
+                      [f"data.shards={tmp_path / 'shapes'}", f"trainer.out_dir={klae}", "data.resolution=32",
+                       "model.image_size=32", "model.block_out_channels=[16,32]", "model.norm_num_groups=8",
+                       "model.disc_weight=0", "data.batch_size=8", "data.num_workers=0", "trainer.max_steps=2"])
+    assert run_stage("kl_autoencoder", cfg) == 0
+    out = tmp_path / "latents"
+    latents_cfg = load_config(latents.Config, "configs/latents/shapes.yaml",
+                              [f"shards={tmp_path / 'shapes'}", f"autoencoder={klae}", f"out_dir={out}", "num_workers=0"])
+    assert run_stage("latents", latents_cfg) == 0
+    manifest = require(str(out), ["latent_mean", "latent_logvar", "text_tokens"], klae)
+    assert manifest["info"]["latent_shape"] == [4, 16, 16] and manifest["info"]["downsampling"] == 2
+    stats = manifest["statistics"]
+    expected = (stats["latent_mean"]["std"] ** 2 + torch.tensor(stats["latent_logvar"]["mean"]).exp().item()) ** -0.5
+    assert abs(manifest["info"]["scale_factor"] - expected) < 1e-6 and manifest["samples"] == {"00000.tar": 20, "00001.tar": 20}
+    # The stored posterior is the autoencoder's, to float16's precision.
+    model = load_run(klae).model
+    first = next(item for item in iter_raw_samples(str(tmp_path / "shapes" / "00000.tar")))
+    with torch.no_grad():
+        posterior = model.encode(decode_image(first.files["jpg"], 32)[None])
+    loader = StreamingLoader(DataConfig(shards=str(out), kind="precomputed", batch_size=40, num_workers=0,
+                                        shuffle_shards=False, shuffle_buffer=0))
+    batch = next(iter(loader.epoch_batches()))
+    row = batch["key"].index(first.key)
+    assert torch.allclose(batch["latent_mean"][row], posterior.mean[0], atol=2e-3, rtol=1e-3)
+    assert torch.allclose(batch["latent_logvar"][row], posterior.logvar[0], atol=2e-2, rtol=1e-3)
