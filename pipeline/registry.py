@@ -26,6 +26,7 @@ STAGES = {
     "dalle": "stages.dalle",
     "kl_autoencoder": "stages.kl_autoencoder",
     "latents": "stages.latents",
+    "ldm": "stages.ldm",
     "sample": "stages.sample",
     "score": "stages.score",
 }

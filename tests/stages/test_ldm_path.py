@@ -1,12 +1,17 @@
 """The latent-diffusion stages through the real training loop, on shapes."""
 import json
 
+import pytest
 import safetensors.torch
 import torch
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
+from pipeline.data.decode import decode_image
+from pipeline.data.loader import DataConfig, StreamingLoader
+from pipeline.data.precomputed import require
+from pipeline.data.tars import iter_raw_samples
 from pipeline.runs import load_run, run_stage
-from stages import kl_autoencoder
+from stages import kl_autoencoder, latents, ldm
 from stages.shards import ShardsConfig, build
 
 
@@ -35,24 +40,29 @@ def test_the_kl_autoencoder_trains_its_discriminator_from_the_start_step_and_log
     assert model.encode(images).mean.shape == (2, 4, 16, 16) and model.reconstruct(images).shape == images.shape
 
 
-def test_latent_shards_hold_each_images_posterior_and_the_manifest_its_scale_factor(tmp_path):
-    from pipeline.data.decode import decode_image
-    from pipeline.data.loader import DataConfig, StreamingLoader
-    from pipeline.data.precomputed import require
-    from pipeline.data.tars import iter_raw_samples
-    from stages import latents
+def _latents(root, autoencoder, out, *overrides: str):
+    cfg = load_config(latents.Config, "configs/latents/shapes.yaml",
+                      [f"shards={root / 'shapes'}", f"autoencoder={autoencoder}", f"out_dir={out}", "num_workers=0", *overrides])
+    assert run_stage("latents", cfg) == 0
+    return out
 
-    build(ShardsConfig(out_dir=str(tmp_path / "shapes"), count=40, resolution=32, samples_per_shard=20))
-    klae = tmp_path / "klae"
+
+@pytest.fixture(scope="module")
+def ldm_path(tmp_path_factory):
+    """Shapes at 32 px -> a 2-step KL autoencoder (f=2) -> latent shards with the shapes vocabulary."""
+    root = tmp_path_factory.mktemp("ldm-path")
+    build(ShardsConfig(out_dir=str(root / "shapes"), count=40, resolution=32, samples_per_shard=20))
     cfg = load_config(kl_autoencoder.Config, "configs/kl_autoencoder/tiny.yaml",
-                      [f"data.shards={tmp_path / 'shapes'}", f"trainer.out_dir={klae}", "data.resolution=32",
+                      [f"data.shards={root / 'shapes'}", f"trainer.out_dir={root / 'klae'}", "data.resolution=32",
                        "model.image_size=32", "model.block_out_channels=[16,32]", "model.norm_num_groups=8",
                        "model.disc_weight=0", "data.batch_size=8", "data.num_workers=0", "trainer.max_steps=2"])
     assert run_stage("kl_autoencoder", cfg) == 0
-    out = tmp_path / "latents"
-    latents_cfg = load_config(latents.Config, "configs/latents/shapes.yaml",
-                              [f"shards={tmp_path / 'shapes'}", f"autoencoder={klae}", f"out_dir={out}", "num_workers=0"])
-    assert run_stage("latents", latents_cfg) == 0
+    _latents(root, root / "klae", root / "latents")
+    return root
+
+
+def test_latent_shards_hold_each_images_posterior_and_the_manifest_its_scale_factor(ldm_path):
+    tmp_path, klae, out = ldm_path, ldm_path / "klae", ldm_path / "latents"
     manifest = require(str(out), ["latent_mean", "latent_logvar", "text_tokens"], klae)
     assert manifest["info"]["latent_shape"] == [4, 16, 16] and manifest["info"]["downsampling"] == 2
     stats = manifest["statistics"]
@@ -69,3 +79,54 @@ def test_latent_shards_hold_each_images_posterior_and_the_manifest_its_scale_fac
     row = batch["key"].index(first.key)
     assert torch.allclose(batch["latent_mean"][row], posterior.mean[0], atol=2e-3, rtol=1e-3)
     assert torch.allclose(batch["latent_logvar"][row], posterior.logvar[0], atol=2e-2, rtol=1e-3)
+
+
+def _ldm(root, shards, out, *overrides: str) -> ldm.Config:
+    return load_config(ldm.Config, "configs/ldm/tiny.yaml",
+                       [f"data.shards={shards}", f"autoencoder={root / 'klae'}", f"trainer.out_dir={out}",
+                        "data.batch_size=8", "data.num_workers=0", "trainer.max_steps=3", "trainer.log_every=1",
+                        "trainer.save_every=3", "model.unet.block_out_channels=[16,32]", "model.unet.norm_num_groups=8",
+                        "model.text.width=32", *overrides])
+
+
+def test_the_ldm_stage_trains_the_unet_and_text_encoder_on_latent_shards_and_keeps_the_scale_factor(ldm_path):
+    out = ldm_path / "ldm"
+    assert run_stage("ldm", _ldm(ldm_path, ldm_path / "latents", out)) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3] and all(0.5 < line["latent_std"] < 2 for line in lines)
+    trained = load_run(out)
+    manifest = json.loads((ldm_path / "latents" / "manifest.json").read_text())
+    assert trained.model.scale_factor.item() == pytest.approx(manifest["info"]["scale_factor"])
+    first = safetensors.torch.load_file(out / "checkpoints" / "step-00000003" / "model.safetensors")
+    assert any(key.startswith("text_encoder.") for key in first) and any(key.startswith("unet.") for key in first)
+    assert (out / "checkpoints" / "step-00000003" / "ema.safetensors").exists()  # the tiny config keeps an EMA
+
+
+def test_a_pretrained_text_encoder_from_a_local_folder_can_stay_frozen(ldm_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = ldm_path / "clip-text"
+    CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=16)).save_pretrained(folder)
+    shards = _latents(ldm_path, ldm_path / "klae", ldm_path / "latents-bpe", "tokenizer=open_clip:ViT-B-32")
+    out = ldm_path / "ldm-frozen"
+    cfg = _ldm(ldm_path, shards, out, f"model.text.pretrained=hf:{folder}", "model.text.train=false")
+    assert run_stage("ldm", cfg) == 0
+    trained = safetensors.torch.load_file(out / "final" / "model.safetensors")
+    original = CLIPTextModel.from_pretrained(folder).state_dict()
+    text = {key.removeprefix("text_encoder.encoder."): value for key, value in trained.items()
+            if key.startswith("text_encoder.encoder.")}
+    assert text and text.keys() <= original.keys()
+    assert all(torch.equal(text[key], original[key]) for key in text)  # frozen: not one step moved it
+    words = _ldm(ldm_path, ldm_path / "latents", out / "x", f"model.text.pretrained=hf:{folder}")
+    with pytest.raises(ValueError, match="reads CLIP's token ids"):
+        ldm.build_model(words)
+
+
+def test_latent_shards_of_another_autoencoder_are_refused(ldm_path, tmp_path):
+    cfg = _ldm(ldm_path, ldm_path / "latents", tmp_path / "ldm")
+    cfg.autoencoder = str(tmp_path / "another")
+    with pytest.raises(ValueError, match="were made by a kl_autoencoder run with weights"):
+        ldm.run(cfg)
+    with pytest.raises(ConfigError, match="data.kind"):
+        load_config(ldm.Config, None, ["data.shards=x", "autoencoder=x", "trainer.out_dir=x"])

@@ -1,0 +1,131 @@
+"""Text-to-image latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
+Diffusion Models"): a UNet denoises the latents of a KL autoencoder, attending to a text encoder's
+token states through cross-attention.
+
+The networks are diffusers' `UNet2DConditionModel` and transformers' `CLIPTextModel` (Stable
+Diffusion's pair); the task owns the noise and the loss (pipeline/models/diffusion.py). Training
+reads precomputed posteriors (the `latents` stage): z = (mean + exp(logvar / 2) eps) * scale_factor
+with scale_factor = 1 / std(z) over the data, so the UNet sees latents of unit variance. Each
+caption becomes all padding with probability `caption_dropout` (10%), so that one network learns
+the conditional and the unconditional prediction that classifier-free guidance combines. The text
+encoder trains with the UNet, or stays frozen (`train_text_encoder: false`, a pretrained one).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import Tensor, nn
+
+from pipeline.engine.task import Task
+from pipeline.models.diffusion import DiffusionConfig, NoiseSchedule
+from pipeline.models.guidance import drop_captions
+from pipeline.ranges import Fraction, PositiveInt
+
+BlockKind = Literal["cross_attention", "plain"]  # a resolution with or without cross-attention to the text
+
+
+@dataclass
+class UNetConfig:
+    block_out_channels: tuple[PositiveInt, ...] = (320, 640, 1280, 1280)  # one resolution each, halving after each but the last
+    blocks: tuple[BlockKind, ...] = ("cross_attention", "cross_attention", "cross_attention", "plain")
+    layers_per_block: PositiveInt = 2
+    attention_head_dim: PositiveInt = 8  # Stable Diffusion 1.x: 8 heads ("attention_head_dim" in diffusers' naming)
+    norm_num_groups: PositiveInt = 32
+
+    def validate(self) -> None:
+        if len(self.blocks) != len(self.block_out_channels):
+            raise ValueError(f"blocks has {len(self.blocks)} entries, block_out_channels {len(self.block_out_channels)}: "
+                             "one kind per resolution")
+        if any(width % self.norm_num_groups for width in self.block_out_channels):
+            raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block_out_channels entry")
+
+
+@dataclass
+class TextEncoderConfig:
+    """A CLIP text transformer, randomly initialised from these sizes unless `pretrained` names one."""
+
+    pretrained: str = ""  # 'hf:/local/folder' of a transformers CLIPTextModel (sizes then come from it)
+    width: PositiveInt = 768
+    layers: PositiveInt = 12
+    heads: PositiveInt = 12
+    train: bool = True  # false: frozen (a pretrained encoder), its states computed without gradients
+
+    def validate(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+
+
+@dataclass
+class LDMConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    caption_dropout: Fraction = 0.1
+
+
+class PretrainedTextEncoder(nn.Module):
+    """A pretrained transformers text encoder fed the loader's caption tokens, in which 0 pads and
+    an `hf:` tokenizer's id i is i + 1 (`id_offset` 1; open_clip's ids are CLIP's, offset 0): they
+    become the encoder's own ids, padding its `pad_token_id`."""
+
+    def __init__(self, encoder: nn.Module, id_offset: int) -> None:
+        super().__init__()
+        self.encoder, self.id_offset = encoder, id_offset
+        self.config = encoder.config
+
+    def forward(self, tokens: Tensor):
+        return self.encoder(torch.where(tokens == 0, self.config.pad_token_id, tokens - self.id_offset))
+
+
+def unet_for(cfg: UNetConfig, latent_shape: tuple[int, int, int], cross_attention_dim: int) -> UNet2DConditionModel:
+    """diffusers' conditional UNet for latents of `latent_shape` (C, H, W), randomly initialised."""
+    down = tuple("CrossAttnDownBlock2D" if kind == "cross_attention" else "DownBlock2D" for kind in cfg.blocks)
+    up = tuple("CrossAttnUpBlock2D" if kind == "cross_attention" else "UpBlock2D" for kind in reversed(cfg.blocks))
+    return UNet2DConditionModel(sample_size=latent_shape[1], in_channels=latent_shape[0], out_channels=latent_shape[0],
+                                block_out_channels=tuple(cfg.block_out_channels), down_block_types=down, up_block_types=up,
+                                layers_per_block=cfg.layers_per_block, cross_attention_dim=cross_attention_dim,
+                                attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups)
+
+
+class LatentDiffusion(Task):
+    """The training task: given a batch of precomputed posteriors and caption tokens, the diffusion
+    loss of the UNet's prediction. `text_encoder` maps tokens (B, L) to states (B, L, D) as
+    transformers' CLIPTextModel does (`.last_hidden_state`)."""
+
+    def __init__(self, cfg: LDMConfig, text_encoder: nn.Module, latent_shape: tuple[int, int, int],
+                 scale_factor: float) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.text_encoder = text_encoder
+        self.text_encoder.requires_grad_(cfg.text.train)
+        self.unet = unet_for(cfg.unet, latent_shape, text_encoder.config.hidden_size)
+        self.schedule = NoiseSchedule(cfg.diffusion)
+        # Saved with the weights: a trained run samples without the latent shards' manifest.
+        self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        if on:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """Caption tokens (B, L) -> the text encoder's token states (B, L, D)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.text.train):
+            return self.text_encoder(tokens).last_hidden_state
+
+    def predict(self, latents: Tensor, t: Tensor, text_states: Tensor) -> Tensor:
+        """The UNet's output (epsilon, v or x0, per the diffusion config) for noised, scaled latents."""
+        return self.unet(latents, t, encoder_hidden_states=text_states).sample
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        mean, logvar, valid = batch["latent_mean"], batch["latent_logvar"], batch["valid"]
+        z = (mean + (0.5 * logvar).exp() * torch.randn_like(mean)) * self.scale_factor
+        tokens = drop_captions(batch["text_tokens"], self.cfg.caption_dropout if self.training else 0.0)
+        noise = self.schedule.sample_noise(z)
+        t = self.schedule.sample_timesteps(len(z), z.device)
+        prediction = self.predict(self.schedule.add_noise(z, noise, t), t, self.encode_text(tokens))
+        return {"loss": self.schedule.loss(prediction, z, noise, t, valid), "latent_std": z.detach().std()}
