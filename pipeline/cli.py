@@ -182,10 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.set_defaults(handler=_cancel)
 
     sample = commands.add_parser(
-        "sample", help="images from captions with a trained generative stage (dalle, pixelcnn)",
+        "sample", help="images from captions with a trained generative stage (dalle, pixelcnn, ldm)",
         description="KEY=VALUE overrides set any key of stages/sample.py's Config: shared ones (images_per_caption=8 "
                     "seed=1 batch_size=16 clip_checkpoint=PATH candidates=4 device=cpu) and the family's sampling "
-                    "options in its section (dalle.top_k=32 dalle.guidance_scale=2, pixelcnn.top_run=RUN).")
+                    "options in its section (dalle.top_k=32 dalle.guidance_scale=2, pixelcnn.top_run=RUN, "
+                    "ldm.scheduler=ddim ldm.steps=50 ldm.negative_caption=...).")
     sample.add_argument("run", help="a run folder of a generative stage, or one of its checkpoints/step-N folders "
                                     "(written by the accelerate back end)")
     sample.add_argument("--captions", required=True, help="a text file (one caption a line), one caption, "

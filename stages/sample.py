@@ -26,10 +26,10 @@ from pipeline.launch.config import LaunchConfig, launch_field
 from pipeline.ranges import NonNegativeInt, PositiveInt
 from pipeline.registry import load_stage
 from pipeline.runs import stage_of
-from stages import dalle, pixelcnn
+from stages import dalle, ldm, pixelcnn
 
 OUTPUT = "out_dir"
-FAMILIES = ("dalle", "pixelcnn")  # the stages with a sampler, each a section of the config
+FAMILIES = ("dalle", "pixelcnn", "ldm")  # the stages with a sampler, each a section of the config
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Config:
     device: str = operational("")  # where the models run: "" = the GPU when there is one, else the CPU; or "cpu", "cuda:1"
     dalle: dalle.SamplerConfig = field(default_factory=dalle.SamplerConfig)
     pixelcnn: pixelcnn.SamplerConfig = field(default_factory=pixelcnn.SamplerConfig)
+    ldm: ldm.SamplerConfig = field(default_factory=ldm.SamplerConfig)
     launch: LaunchConfig = launch_field()
 
     def unused_keys(self) -> set[str]:

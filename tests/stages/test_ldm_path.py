@@ -1,10 +1,13 @@
 """The latent-diffusion stages through the real training loop, on shapes."""
 import json
 
+import numpy as np
+import PIL.Image
 import pytest
 import safetensors.torch
 import torch
 
+from pipeline import cli
 from pipeline.config import ConfigError, load_config
 from pipeline.data.decode import decode_image
 from pipeline.data.loader import DataConfig, StreamingLoader
@@ -130,3 +133,34 @@ def test_latent_shards_of_another_autoencoder_are_refused(ldm_path, tmp_path):
         ldm.run(cfg)
     with pytest.raises(ConfigError, match="data.kind"):
         load_config(ldm.Config, None, ["data.shards=x", "autoencoder=x", "trainer.out_dir=x"])
+
+
+def _samples(run, out, *options: str) -> list:
+    assert cli.main(["sample", str(run), "--captions", "a red circle", "--out", str(out), "images_per_caption=3",
+                     *options]) == 0
+    return [torch.from_numpy(np.asarray(PIL.Image.open(out / f"{i:04d}.png"))) for i in range(3)]
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler"])
+def test_t2i_sample_draws_from_a_latent_diffusion_run_one_seed_per_image(ldm_path, scheduler):
+    run = ldm_path / "ldm-sampled"
+    if not (run / "final").exists():
+        assert run_stage("ldm", _ldm(ldm_path, ldm_path / "latents", run)) == 0
+    one = _samples(run, ldm_path / f"one-{scheduler}", f"ldm.scheduler={scheduler}", "ldm.steps=4", "batch_size=1")
+    three = _samples(run, ldm_path / f"three-{scheduler}", f"ldm.scheduler={scheduler}", "ldm.steps=4", "batch_size=3")
+    assert one[0].shape == (32, 32, 3)
+    # An image depends on its caption and seed only, not on the batch it was drawn in (8-bit pixels).
+    assert all((a.int() - b.int()).abs().max() <= 1 for a, b in zip(one, three))
+    assert not torch.equal(one[0], one[1])  # each image its own seed
+    records = [json.loads(line) for line in (ldm_path / f"one-{scheduler}" / "samples.jsonl").read_text().splitlines()]
+    assert [record["seed"] for record in records] == [0, 1, 2]
+
+
+def test_guidance_and_a_negative_caption_change_the_images(ldm_path):
+    run = ldm_path / "ldm-sampled"
+    if not (run / "final").exists():
+        assert run_stage("ldm", _ldm(ldm_path, ldm_path / "latents", run)) == 0
+    plain = _samples(run, ldm_path / "plain", "ldm.steps=3", "ldm.guidance_scale=1")
+    guided = _samples(run, ldm_path / "guided", "ldm.steps=3", "ldm.guidance_scale=7")
+    negative = _samples(run, ldm_path / "negative", "ldm.steps=3", "ldm.guidance_scale=7", "ldm.negative_caption=a blue square")
+    assert not torch.equal(plain[0], guided[0]) and not torch.equal(guided[0], negative[0])
