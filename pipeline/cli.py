@@ -96,6 +96,20 @@ def _sample(args: argparse.Namespace) -> int:
     return run_stage("sample", load_config(load_stage("sample").Config, args.config, [*given, *args.overrides]))
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.registry import load_stage
+    from pipeline.runs import stage_of
+
+    stage = stage_of(args.run)
+    if not stage:
+        raise FileNotFoundError(f"{args.run}: not a run folder (no config.yaml saying which stage made it)")
+    module = load_stage(stage)
+    if not callable(getattr(module, "export", None)):
+        raise ValueError(f"stage {stage!r} has no export; the ldm stage exports to diffusers")
+    module.export(args.run, args.format, args.out)
+    return 0
+
+
 def _describe(args: argparse.Namespace) -> int:
     from dataclasses import fields
     from pathlib import Path
@@ -195,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-c", "--config", help="a YAML sample config")
     sample.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     sample.set_defaults(handler=_sample)
+
+    export = commands.add_parser("export", help="a trained run in another library's format (ldm: a diffusers pipeline)")
+    export.add_argument("run", help="a run folder of a stage that exports, e.g. runs/ldm-demo/ldm")
+    export.add_argument("--format", required=True, choices=["diffusers"])
+    export.add_argument("out", help="a new folder for the export")
+    export.set_defaults(handler=_export)
 
     describe = commands.add_parser("describe", help="a training stage's parameters, FLOPs and memory per GPU")
     describe.add_argument("config", help="a stage config, e.g. configs/dalle/12B.yaml")

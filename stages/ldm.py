@@ -6,17 +6,20 @@ sizes over the shards' tokenizer, or a pretrained transformers `CLIPTextModel` f
 
 Its `Sampler` (`t2i sample`, the `ldm` section): one noise seed per image, a diffusers scheduler
 (ddim, dpm++, euler) for `steps` steps, classifier-free guidance against the empty caption or a
-negative one, and the autoencoder's decoder.
+negative one, and the autoencoder's decoder. `export_diffusers` writes a trained run as a
+diffusers `StableDiffusionPipeline` folder (`t2i export RUN --format diffusers OUT`).
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipeline.data.precomputed import require
-from pipeline.data.text import make_tokenizer, vocab_size
+from pipeline.data.text import make_tokenizer, save_clip_tokenizer, vocab_size
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
 from pipeline.models.diffusion_sampling import SchedulerName, denoise, initial_noise, make_scheduler
@@ -68,9 +71,10 @@ def text_encoder(cfg: Config, producer: dict) -> nn.Module:
 
 def build_model(cfg: Config) -> nn.Module:
     manifest = require(cfg.data.shards, LATENT_MEMBERS, cfg.autoencoder)
-    info = manifest["info"]
-    return LatentDiffusion(cfg.model, text_encoder(cfg, manifest["producer"]), tuple(info["latent_shape"]),
-                           info["scale_factor"])
+    info, producer = manifest["info"], manifest["producer"]
+    null_tokens = make_tokenizer(producer["tokenizer"], producer["text_length"])([""])[0]
+    return LatentDiffusion(cfg.model, text_encoder(cfg, producer), tuple(info["latent_shape"]), info["scale_factor"],
+                           null_tokens)
 
 
 @dataclass
@@ -106,10 +110,9 @@ class Sampler:
     def sample(self, captions: list[str], seeds: list[int]) -> torch.Tensor:
         o, model = self.options, self.model
         cond = model.encode_text(self.tokenize(captions).to(self.device))
-        if o.negative_caption:
-            uncond = model.encode_text(self.tokenize([o.negative_caption] * len(captions)).to(self.device))
-        else:  # all padding: what caption dropout trained as the unconditional input
-            uncond = model.encode_text(torch.zeros(len(captions), cond.shape[1], dtype=torch.long, device=self.device))
+        negative = self.tokenize([o.negative_caption] * len(captions)).to(self.device) if o.negative_caption else \
+            model.null_tokens.expand(len(captions), -1)  # what caption dropout trained as the unconditional input
+        uncond = model.encode_text(negative)
 
         def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if o.guidance_scale == 1:
@@ -120,6 +123,43 @@ class Sampler:
         noise = initial_noise((len(captions), *self.latent_shape), seeded_generators(seeds), self.device)
         latents = denoise(predict, self.scheduler, noise, o.steps)
         return self.decoder.decode(latents / model.scale_factor).clamp(-1, 1)
+
+
+def export(run: str, fmt: str, out: str) -> Path:
+    """Writes trained run `run` (its final weights, the EMA's when it kept one) to folder `out` in
+    format `fmt`: 'diffusers', a `StableDiffusionPipeline` that `from_pretrained(out,
+    local_files_only=True)` loads offline and that draws the images `t2i sample` draws for the same
+    caption, seed, scheduler, steps and guidance scale. It holds the UNet, the text encoder, a CLIP
+    tokenizer giving the shards' ids (their tokenizer must be open_clip's BPE), the autoencoder with
+    the run's scale factor, and the DPM-Solver++ scheduler (any of ours fits: make_scheduler)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    if fmt != "diffusers":
+        raise ValueError(f"unknown export format {fmt!r}: the ldm stage exports 'diffusers'")
+    target = Path(out)
+    if target.exists() and any(target.iterdir()):
+        raise ValueError(f"{target} is not empty: export to a new folder")
+    trained = load_run(run, "ldm")
+    cfg, model = trained.cfg, trained.model
+    producer = require(cfg.data.shards, LATENT_MEMBERS, cfg.autoencoder)["producer"]
+    text = model.text_encoder
+    if isinstance(text, PretrainedTextEncoder):
+        if text.id_offset:
+            raise ValueError(f"{run}'s captions were tokenized by {producer['tokenizer']!r}, whose ids t2i shifts: "
+                             "export needs latent shards tokenized with open_clip:ViT-B-32")
+        text = text.encoder
+    with tempfile.TemporaryDirectory() as folder:
+        save_clip_tokenizer(producer["tokenizer"], producer["text_length"], folder)
+        tokenizer = CLIPTokenizer.from_pretrained(folder)
+    vae = load_run(cfg.autoencoder, "kl_autoencoder").model.autoencoder
+    vae.register_to_config(scaling_factor=float(model.scale_factor))  # the pipeline divides latents by it
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=model.unet,
+                                       scheduler=make_scheduler(cfg.model.diffusion, "dpm++"), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(target, safe_serialization=True)
+    print(f"wrote a diffusers StableDiffusionPipeline of {run} to {target}")
+    return target
 
 
 def run(cfg: Config) -> int:

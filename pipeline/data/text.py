@@ -82,3 +82,30 @@ def _pad(rows: list[list[int]], length: int) -> torch.Tensor:
     for i, row in enumerate(rows):
         tokens[i, :len(row[:length])] = torch.tensor(row[:length], dtype=torch.long)
     return tokens
+
+
+def save_clip_tokenizer(spec: str, length: int, folder: str | Path) -> None:
+    """Writes a transformers `CLIPTokenizer` to `folder` that gives the ids `make_tokenizer(spec,
+    length)` gives, padding and the empty caption included: from open_clip's BPE vocabulary (which
+    ships with the package: offline) for `open_clip:` specs, padded with id 0 as open_clip pads;
+    a copy of the tokenizer for `hf:` specs is refused, its ids being shifted here."""
+    kind, _, _ = spec.partition(":")
+    if kind != "open_clip":
+        raise ValueError(f"a CLIP tokenizer can be written for open_clip: tokenizers only, not {spec!r}")
+    import gzip
+    import json
+
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    units = list(bytes_to_unicode().values())
+    vocab = [*units, *(unit + "</w>" for unit in units), *("".join(merge.split()) for merge in merges),
+             "<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    pad = vocab[0]  # open_clip pads with id 0
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad, model_max_length=length)
+    tokenizer.save_pretrained(folder)

@@ -13,13 +13,14 @@ import torch
 from torch import Tensor
 
 
-def drop_captions(text: Tensor, probability: float) -> Tensor:
-    """Caption tokens (B, L) with each row replaced by all padding with `probability`, one torch.rand
-    draw of B values; no draw at all when probability is 0."""
+def drop_captions(text: Tensor, probability: float, null: Tensor | None = None) -> Tensor:
+    """Caption tokens (B, L) with each row replaced by the null caption with `probability`, one
+    torch.rand draw of B values (no draw at all when probability is 0). The null caption is all
+    padding, or `null` (L,): the tokens of the empty caption where a text encoder expects those."""
     if probability <= 0:
         return text
     drop = torch.rand(text.shape[0], device=text.device) < probability  # (B,)
-    return text.masked_fill(drop[:, None], 0)
+    return text.masked_fill(drop[:, None], 0) if null is None else torch.where(drop[:, None], null, text)
 
 
 def with_null_captions(text: Tensor) -> Tensor:

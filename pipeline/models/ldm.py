@@ -6,9 +6,10 @@ The networks are diffusers' `UNet2DConditionModel` and transformers' `CLIPTextMo
 Diffusion's pair); the task owns the noise and the loss (pipeline/models/diffusion.py). Training
 reads precomputed posteriors (the `latents` stage): z = (mean + exp(logvar / 2) eps) * scale_factor
 with scale_factor = 1 / std(z) over the data, so the UNet sees latents of unit variance. Each
-caption becomes all padding with probability `caption_dropout` (10%), so that one network learns
-the conditional and the unconditional prediction that classifier-free guidance combines. The text
-encoder trains with the UNet, or stays frozen (`train_text_encoder: false`, a pretrained one).
+caption becomes the null caption, the tokens of the empty caption (as Stable Diffusion's pipeline
+makes them for its unconditional branch), with probability `caption_dropout` (10%), so that one
+network learns the conditional and the unconditional prediction that classifier-free guidance
+combines. The text encoder trains with the UNet, or stays frozen (`text.train: false`, a pretrained one).
 """
 from __future__ import annotations
 
@@ -96,15 +97,16 @@ class LatentDiffusion(Task):
     transformers' CLIPTextModel does (`.last_hidden_state`)."""
 
     def __init__(self, cfg: LDMConfig, text_encoder: nn.Module, latent_shape: tuple[int, int, int],
-                 scale_factor: float) -> None:
+                 scale_factor: float, null_tokens: Tensor) -> None:
         super().__init__()
         self.cfg = cfg
         self.text_encoder = text_encoder
         self.text_encoder.requires_grad_(cfg.text.train)
         self.unet = unet_for(cfg.unet, latent_shape, text_encoder.config.hidden_size)
         self.schedule = NoiseSchedule(cfg.diffusion)
-        # Saved with the weights: a trained run samples without the latent shards' manifest.
+        # Saved with the weights: a trained run samples with what it trained with.
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        self.register_buffer("null_tokens", null_tokens.long())  # (L,) the empty caption's tokens
 
     def set_activation_checkpointing(self, on: bool) -> None:
         if on:
@@ -124,7 +126,7 @@ class LatentDiffusion(Task):
     def forward(self, batch: dict) -> dict[str, Tensor]:
         mean, logvar, valid = batch["latent_mean"], batch["latent_logvar"], batch["valid"]
         z = (mean + (0.5 * logvar).exp() * torch.randn_like(mean)) * self.scale_factor
-        tokens = drop_captions(batch["text_tokens"], self.cfg.caption_dropout if self.training else 0.0)
+        tokens = drop_captions(batch["text_tokens"], self.cfg.caption_dropout if self.training else 0.0, self.null_tokens)
         noise = self.schedule.sample_noise(z)
         t = self.schedule.sample_timesteps(len(z), z.device)
         prediction = self.predict(self.schedule.add_noise(z, noise, t), t, self.encode_text(tokens))

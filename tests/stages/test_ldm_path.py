@@ -164,3 +164,30 @@ def test_guidance_and_a_negative_caption_change_the_images(ldm_path):
     guided = _samples(run, ldm_path / "guided", "ldm.steps=3", "ldm.guidance_scale=7")
     negative = _samples(run, ldm_path / "negative", "ldm.steps=3", "ldm.guidance_scale=7", "ldm.negative_caption=a blue square")
     assert not torch.equal(plain[0], guided[0]) and not torch.equal(guided[0], negative[0])
+
+
+@pytest.mark.parametrize("scheduler, guidance", [("dpm++", 5.0), ("ddim", 1.0), ("euler", 3.0)])
+def test_the_diffusers_export_loads_offline_and_draws_the_images_t2i_sample_draws(ldm_path, scheduler, guidance):
+    from diffusers import StableDiffusionPipeline
+
+    from pipeline.models.diffusion_sampling import make_scheduler
+
+    run = ldm_path / "ldm-bpe"
+    if not (run / "final").exists():  # open_clip's BPE captions: a CLIP tokenizer can give their ids
+        shards = ldm_path / "latents-bpe"
+        if not shards.exists():
+            _latents(ldm_path, ldm_path / "klae", shards, "tokenizer=open_clip:ViT-B-32")
+        assert run_stage("ldm", _ldm(ldm_path, shards, run)) == 0
+    exported = ldm_path / "exported"
+    if not exported.exists():
+        assert cli.main(["export", str(run), "--format", "diffusers", str(exported)]) == 0
+    assert cli.main(["export", str(run), "--format", "diffusers", str(exported)]) == 2  # never over a folder
+    pipeline = StableDiffusionPipeline.from_pretrained(exported, local_files_only=True)
+    pipeline.scheduler = make_scheduler(load_run(run).cfg.model.diffusion, scheduler)
+    captions, seeds = ["a red circle", "two blue squares"], [3, 11]
+    options = ldm.SamplerConfig(scheduler=scheduler, steps=4, guidance_scale=guidance)
+    ours = ldm.Sampler.from_run(str(run), options, torch.device("cpu")).sample(captions, seeds)
+    theirs = pipeline(captions, num_inference_steps=4, guidance_scale=guidance, output_type="pt",
+                      generator=[torch.Generator().manual_seed(seed) for seed in seeds]).images
+    assert theirs.shape == (2, 3, 32, 32)
+    assert (ours / 2 + 0.5 - theirs).abs().max() < 1e-4
