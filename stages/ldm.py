@@ -2,7 +2,10 @@
 shards of the `latents` stage; shards made by another autoencoder than `autoencoder:` (the
 manifest's weights hash) are refused. The text encoder is a CLIP text transformer of the config's
 sizes over the shards' tokenizer, or a pretrained transformers `CLIPTextModel` from a local folder
-(`model.text.pretrained: hf:/path`), trained with the UNet or frozen.
+(`model.text.pretrained: hf:/path`, fed the shards' open_clip ids, padding 0 as open_clip's models
+were trained with), trained with the UNet or frozen. `model.latent_*` and `model.text_*` say what
+the shards hold and are checked against their manifest, so that `t2i describe` sizes a config
+without them.
 
 Its `Sampler` (`t2i sample`, the `ldm` section): one noise seed per image, a diffusers scheduler
 (ddim, dpm++, euler) for `steps` steps, classifier-free guidance against the empty caption or a
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +28,7 @@ from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
 from pipeline.models.diffusion_sampling import SchedulerName, denoise, initial_noise, make_scheduler
 from pipeline.models.guidance import guide
-from pipeline.models.ldm import LatentDiffusion, LDMConfig, PretrainedTextEncoder
+from pipeline.models.ldm import LatentDiffusion, LDMConfig
 from pipeline.ranges import NonNegativeFloat, PositiveInt
 from pipeline.runs import load_run
 from pipeline.sampling import seeded_generators
@@ -47,34 +51,69 @@ class Config(TrainConfig):
             raise ValueError("autoencoder is required: the kl_autoencoder run that made the latent shards")
 
 
-def text_encoder(cfg: Config, producer: dict) -> nn.Module:
-    """The configured text encoder for the shards' tokenizer and caption length."""
+def check_latents(cfg: Config) -> dict:
+    """The latent shards' manifest, after checking it matches the autoencoder and the model's shape."""
+    manifest = require(cfg.data.shards, LATENT_MEMBERS, cfg.autoencoder)
+    m, producer, (channels, size, width) = cfg.model, manifest["producer"], manifest["info"]["latent_shape"]
+    if size != width:
+        raise ValueError(f"the latent shards hold {size}x{width} latents: the UNet takes square ones")
+    expected = {"model.latent_channels": (m.latent_channels, channels), "model.latent_size": (m.latent_size, size),
+                "model.text_length": (m.text_length, producer["text_length"]),
+                "model.text_vocab_size": (m.text_vocab_size, vocab_size(producer["tokenizer"]))}
+    for key, (ours, theirs) in expected.items():
+        if ours != theirs:
+            raise ValueError(f"{key} is {ours} but the latent shards have {theirs}")
+    if m.text.pretrained and not producer["tokenizer"].startswith("open_clip:"):
+        raise ValueError(f"a pretrained text encoder reads CLIP's token ids: the latent shards' tokenizer "
+                         f"{producer['tokenizer']!r} makes other ones (write them with open_clip:ViT-B-32)")
+    return manifest
+
+
+def text_encoder(cfg: Config) -> nn.Module:
+    """The configured CLIP text encoder: of the config's sizes, or pretrained from a local folder."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    text, tokenizer, length = cfg.model.text, producer["tokenizer"], producer["text_length"]
-    if not text.pretrained:
-        return CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size(tokenizer), hidden_size=text.width,
-                                            intermediate_size=4 * text.width, num_hidden_layers=text.layers,
-                                            num_attention_heads=text.heads, max_position_embeddings=length,
+    m = cfg.model
+    if not m.text.pretrained:
+        return CLIPTextModel(CLIPTextConfig(vocab_size=m.text_vocab_size, hidden_size=m.text.width,
+                                            intermediate_size=4 * m.text.width, num_hidden_layers=m.text.layers,
+                                            num_attention_heads=m.text.heads, max_position_embeddings=m.text_length,
                                             pad_token_id=0))
-    kind, _, folder = text.pretrained.partition(":")
+    kind, _, folder = m.text.pretrained.partition(":")
     if kind != "hf" or not folder:
-        raise ValueError(f"model.text.pretrained must look like 'hf:/local/folder', got {text.pretrained!r}")
-    if not tokenizer.startswith(("hf:", "open_clip:")):
-        raise ValueError(f"a pretrained text encoder reads CLIP's token ids: the latent shards' tokenizer {tokenizer!r} "
-                         "makes other ones (write them with an hf: or open_clip: tokenizer)")
+        raise ValueError(f"model.text.pretrained must look like 'hf:/local/folder', got {m.text.pretrained!r}")
     encoder = CLIPTextModel.from_pretrained(folder, local_files_only=True)
-    if encoder.config.max_position_embeddings < length:
-        raise ValueError(f"{folder} reads at most {encoder.config.max_position_embeddings} tokens, the shards hold {length}")
-    return PretrainedTextEncoder(encoder, id_offset=1 if tokenizer.startswith("hf:") else 0)
+    if encoder.config.max_position_embeddings < m.text_length or encoder.config.vocab_size < m.text_vocab_size:
+        raise ValueError(f"{folder} reads {encoder.config.max_position_embeddings} tokens of {encoder.config.vocab_size} "
+                         f"ids: fewer than model.text_length {m.text_length} or model.text_vocab_size {m.text_vocab_size}")
+    return encoder
 
 
 def build_model(cfg: Config) -> nn.Module:
-    manifest = require(cfg.data.shards, LATENT_MEMBERS, cfg.autoencoder)
-    info, producer = manifest["info"], manifest["producer"]
-    null_tokens = make_tokenizer(producer["tokenizer"], producer["text_length"])([""])[0]
-    return LatentDiffusion(cfg.model, text_encoder(cfg, producer), tuple(info["latent_shape"]), info["scale_factor"],
-                           null_tokens)
+    return LatentDiffusion(cfg.model, text_encoder(cfg))
+
+
+def build_for_data(cfg: Config, manifest: dict) -> nn.Module:
+    """The model with the latent shards' scale factor and the empty caption's tokens in their tokenizer."""
+    model = build_model(cfg)
+    producer = manifest["producer"]
+    model.set_data(manifest["info"]["scale_factor"], make_tokenizer(producer["tokenizer"], producer["text_length"])([""])[0])
+    return model
+
+
+def flops_per_sample(cfg: Config) -> int:
+    """Training FLOPs of one image (forward and backward, counted by torch on the meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = cfg.model
+    with torch.device("meta"):
+        model = build_model(cfg)
+        batch = {"latent_mean": torch.zeros(1, m.latent_channels, m.latent_size, m.latent_size),
+                 "text_tokens": torch.zeros(1, m.text_length, dtype=torch.long), "valid": torch.ones(1, dtype=torch.bool)}
+        batch["latent_logvar"] = batch["latent_mean"]
+        with FlopCounterMode(display=False) as counter:
+            model(batch)["loss"].backward()
+    return counter.get_total_flops()
 
 
 @dataclass
@@ -103,8 +142,7 @@ class Sampler:
     @classmethod
     def from_run(cls, run: str, options: SamplerConfig, device: torch.device) -> Sampler:
         trained = load_run(run, "ldm")
-        return cls(trained.model, trained.cfg, require(trained.cfg.data.shards, LATENT_MEMBERS, trained.cfg.autoencoder),
-                   options, device)
+        return cls(trained.model, trained.cfg, check_latents(trained.cfg), options, device)
 
     @torch.no_grad()
     def sample(self, captions: list[str], seeds: list[int]) -> torch.Tensor:
@@ -143,18 +181,12 @@ def export(run: str, fmt: str, out: str) -> Path:
     trained = load_run(run, "ldm")
     cfg, model = trained.cfg, trained.model
     producer = require(cfg.data.shards, LATENT_MEMBERS, cfg.autoencoder)["producer"]
-    text = model.text_encoder
-    if isinstance(text, PretrainedTextEncoder):
-        if text.id_offset:
-            raise ValueError(f"{run}'s captions were tokenized by {producer['tokenizer']!r}, whose ids t2i shifts: "
-                             "export needs latent shards tokenized with open_clip:ViT-B-32")
-        text = text.encoder
     with tempfile.TemporaryDirectory() as folder:
         save_clip_tokenizer(producer["tokenizer"], producer["text_length"], folder)
         tokenizer = CLIPTokenizer.from_pretrained(folder)
     vae = load_run(cfg.autoencoder, "kl_autoencoder").model.autoencoder
     vae.register_to_config(scaling_factor=float(model.scale_factor))  # the pipeline divides latents by it
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=model.unet,
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=model.text_encoder, tokenizer=tokenizer, unet=model.unet,
                                        scheduler=make_scheduler(cfg.model.diffusion, "dpm++"), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(target, safe_serialization=True)
@@ -163,5 +195,5 @@ def export(run: str, fmt: str, out: str) -> Path:
 
 
 def run(cfg: Config) -> int:
-    require(cfg.data.shards, LATENT_MEMBERS, cfg.autoencoder)  # before any process group starts
-    return exit_code(train(cfg, build_model))
+    manifest = check_latents(cfg)  # before any process group starts
+    return exit_code(train(cfg, partial(build_for_data, manifest=manifest)))

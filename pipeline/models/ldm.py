@@ -48,7 +48,7 @@ class UNetConfig:
 class TextEncoderConfig:
     """A CLIP text transformer, randomly initialised from these sizes unless `pretrained` names one."""
 
-    pretrained: str = ""  # 'hf:/local/folder' of a transformers CLIPTextModel (sizes then come from it)
+    pretrained: str = ""  # 'hf:/local/folder' of a transformers CLIPTextModel (its own sizes then apply)
     width: PositiveInt = 768
     layers: PositiveInt = 12
     heads: PositiveInt = 12
@@ -65,20 +65,12 @@ class LDMConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     caption_dropout: Fraction = 0.1
-
-
-class PretrainedTextEncoder(nn.Module):
-    """A pretrained transformers text encoder fed the loader's caption tokens, in which 0 pads and
-    an `hf:` tokenizer's id i is i + 1 (`id_offset` 1; open_clip's ids are CLIP's, offset 0): they
-    become the encoder's own ids, padding its `pad_token_id`."""
-
-    def __init__(self, encoder: nn.Module, id_offset: int) -> None:
-        super().__init__()
-        self.encoder, self.id_offset = encoder, id_offset
-        self.config = encoder.config
-
-    def forward(self, tokens: Tensor):
-        return self.encoder(torch.where(tokens == 0, self.config.pad_token_id, tokens - self.id_offset))
+    # What the latent shards hold (checked against their manifest): latents (channels, size, size),
+    # captions of text_length tokens from a vocabulary of text_vocab_size ids.
+    latent_channels: PositiveInt = 4
+    latent_size: PositiveInt = 64
+    text_vocab_size: PositiveInt = 49408
+    text_length: PositiveInt = 77
 
 
 def unet_for(cfg: UNetConfig, latent_shape: tuple[int, int, int], cross_attention_dim: int) -> UNet2DConditionModel:
@@ -94,19 +86,25 @@ def unet_for(cfg: UNetConfig, latent_shape: tuple[int, int, int], cross_attentio
 class LatentDiffusion(Task):
     """The training task: given a batch of precomputed posteriors and caption tokens, the diffusion
     loss of the UNet's prediction. `text_encoder` maps tokens (B, L) to states (B, L, D) as
-    transformers' CLIPTextModel does (`.last_hidden_state`)."""
+    transformers' CLIPTextModel does (`.last_hidden_state`). The latents' scale factor and the
+    null caption's tokens come from the data (`set_data`) and are saved with the weights, so a
+    trained run samples with what it trained with."""
 
-    def __init__(self, cfg: LDMConfig, text_encoder: nn.Module, latent_shape: tuple[int, int, int],
-                 scale_factor: float, null_tokens: Tensor) -> None:
+    def __init__(self, cfg: LDMConfig, text_encoder: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg
         self.text_encoder = text_encoder
         self.text_encoder.requires_grad_(cfg.text.train)
+        latent_shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
         self.unet = unet_for(cfg.unet, latent_shape, text_encoder.config.hidden_size)
         self.schedule = NoiseSchedule(cfg.diffusion)
-        # Saved with the weights: a trained run samples with what it trained with.
-        self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
-        self.register_buffer("null_tokens", null_tokens.long())  # (L,) the empty caption's tokens
+        self.register_buffer("scale_factor", torch.tensor(1.0))
+        self.register_buffer("null_tokens", torch.zeros(cfg.text_length, dtype=torch.long))  # the empty caption's tokens
+
+    def set_data(self, scale_factor: float, null_tokens: Tensor) -> None:
+        """The latent shards' scale factor, and the empty caption's tokens (L,) in their tokenizer."""
+        self.scale_factor.fill_(scale_factor)
+        self.null_tokens.copy_(null_tokens)
 
     def set_activation_checkpointing(self, on: bool) -> None:
         if on:

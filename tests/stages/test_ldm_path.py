@@ -89,7 +89,7 @@ def _ldm(root, shards, out, *overrides: str) -> ldm.Config:
                        [f"data.shards={shards}", f"autoencoder={root / 'klae'}", f"trainer.out_dir={out}",
                         "data.batch_size=8", "data.num_workers=0", "trainer.max_steps=3", "trainer.log_every=1",
                         "trainer.save_every=3", "model.unet.block_out_channels=[16,32]", "model.unet.norm_num_groups=8",
-                        "model.text.width=32", *overrides])
+                        "model.text.width=32", "model.latent_size=16", *overrides])
 
 
 def test_the_ldm_stage_trains_the_unet_and_text_encoder_on_latent_shards_and_keeps_the_scale_factor(ldm_path):
@@ -113,17 +113,19 @@ def test_a_pretrained_text_encoder_from_a_local_folder_can_stay_frozen(ldm_path)
                                  num_attention_heads=2, max_position_embeddings=16)).save_pretrained(folder)
     shards = _latents(ldm_path, ldm_path / "klae", ldm_path / "latents-bpe", "tokenizer=open_clip:ViT-B-32")
     out = ldm_path / "ldm-frozen"
-    cfg = _ldm(ldm_path, shards, out, f"model.text.pretrained=hf:{folder}", "model.text.train=false")
+    cfg = _ldm(ldm_path, shards, out, f"model.text.pretrained=hf:{folder}", "model.text.train=false",
+               "model.text_vocab_size=49408")
     assert run_stage("ldm", cfg) == 0
     trained = safetensors.torch.load_file(out / "final" / "model.safetensors")
     original = CLIPTextModel.from_pretrained(folder).state_dict()
-    text = {key.removeprefix("text_encoder.encoder."): value for key, value in trained.items()
-            if key.startswith("text_encoder.encoder.")}
+    text = {key.removeprefix("text_encoder."): value for key, value in trained.items() if key.startswith("text_encoder.")}
     assert text and text.keys() <= original.keys()
     assert all(torch.equal(text[key], original[key]) for key in text)  # frozen: not one step moved it
     words = _ldm(ldm_path, ldm_path / "latents", out / "x", f"model.text.pretrained=hf:{folder}")
     with pytest.raises(ValueError, match="reads CLIP's token ids"):
-        ldm.build_model(words)
+        ldm.check_latents(words)
+    with pytest.raises(ValueError, match="model.latent_size is 8 but the latent shards have 16"):
+        ldm.check_latents(_ldm(ldm_path, ldm_path / "latents", out / "y", "model.latent_size=8"))
 
 
 def test_latent_shards_of_another_autoencoder_are_refused(ldm_path, tmp_path):
@@ -177,7 +179,7 @@ def test_the_diffusers_export_loads_offline_and_draws_the_images_t2i_sample_draw
         shards = ldm_path / "latents-bpe"
         if not shards.exists():
             _latents(ldm_path, ldm_path / "klae", shards, "tokenizer=open_clip:ViT-B-32")
-        assert run_stage("ldm", _ldm(ldm_path, shards, run)) == 0
+        assert run_stage("ldm", _ldm(ldm_path, shards, run, "model.text_vocab_size=49408")) == 0
     exported = ldm_path / "exported"
     if not exported.exists():
         assert cli.main(["export", str(run), "--format", "diffusers", str(exported)]) == 0
@@ -191,3 +193,13 @@ def test_the_diffusers_export_loads_offline_and_draws_the_images_t2i_sample_draw
                       generator=[torch.Generator().manual_seed(seed) for seed in seeds]).images
     assert theirs.shape == (2, 3, 32, 32)
     assert (ours / 2 + 0.5 - theirs).abs().max() < 1e-4
+
+
+def test_describe_sizes_the_stable_diffusion_shape_without_latent_shards():
+    from pipeline.describe import describe
+
+    base = {"trainer": {"out_dir": "x"}, "data": {"shards": "x"}, "autoencoder": "x"}
+    report = describe(ldm, load_config(ldm.Config, "configs/ldm/sd15.yaml", base=base))
+    # SD 1.5: an 859.5M UNet and a 123M CLIP ViT-L/14 text transformer; ~2.4 TFLOP a 512 px image
+    assert 980e6 < report["parameters"] < 985e6
+    assert 2.3e12 < report["flops_per_sample"] < 2.6e12
