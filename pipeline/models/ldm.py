@@ -72,6 +72,12 @@ class LDMConfig:
     text_vocab_size: PositiveInt = 49408
     text_length: PositiveInt = 77
 
+    def validate(self) -> None:
+        halvings = len(self.unet.block_out_channels) - 1
+        if self.latent_size % 2 ** halvings:
+            raise ValueError(f"latent_size {self.latent_size} is not divisible by 2 ** {halvings}, "
+                             "the UNet's downsampling")
+
 
 def unet_for(cfg: UNetConfig, latent_shape: tuple[int, int, int], cross_attention_dim: int) -> UNet2DConditionModel:
     """diffusers' conditional UNet for latents of `latent_shape` (C, H, W), randomly initialised."""

@@ -135,6 +135,9 @@ def test_latent_shards_of_another_autoencoder_are_refused(ldm_path, tmp_path):
         ldm.run(cfg)
     with pytest.raises(ConfigError, match="data.kind"):
         load_config(ldm.Config, None, ["data.shards=x", "autoencoder=x", "trainer.out_dir=x"])
+    with pytest.raises(ConfigError, match="latent_size 15 is not divisible by 2 \\*\\* 1"):
+        load_config(ldm.Config, "configs/ldm/tiny.yaml", ["data.shards=x", "autoencoder=x", "trainer.out_dir=x",
+                                                          "model.latent_size=15"])
 
 
 def _samples(run, out, *options: str) -> list:
