@@ -138,6 +138,8 @@ class Sampler:
         self.tokenize = make_tokenizer(producer["tokenizer"], producer["text_length"])
         self.latent_shape = tuple(manifest["info"]["latent_shape"])
         self.scheduler = make_scheduler(cfg.model.diffusion, options.scheduler)
+        if options.steps >= cfg.model.diffusion.steps:  # leading spacing with offset 1 would start past the last step
+            raise ValueError(f"ldm.steps must be below the {cfg.model.diffusion.steps} steps the model was trained on")
 
     @classmethod
     def from_run(cls, run: str, options: SamplerConfig, device: torch.device) -> Sampler:
@@ -167,7 +169,7 @@ def export(run: str, fmt: str, out: str) -> Path:
     """Writes trained run `run` (its final weights, the EMA's when it kept one) to folder `out` in
     format `fmt`: 'diffusers', a `StableDiffusionPipeline` that `from_pretrained(out,
     local_files_only=True)` loads offline and that draws the images `t2i sample` draws for the same
-    caption, seed, scheduler, steps and guidance scale. It holds the UNet, the text encoder, a CLIP
+    caption, seed, scheduler, steps and guidance scale (of 1 or more: the pipeline does not guide below 1). It holds the UNet, the text encoder, a CLIP
     tokenizer giving the shards' ids (their tokenizer must be open_clip's BPE), the autoencoder with
     the run's scale factor, and the DPM-Solver++ scheduler (any of ours fits: make_scheduler)."""
     from diffusers import StableDiffusionPipeline

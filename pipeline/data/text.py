@@ -95,8 +95,12 @@ def save_clip_tokenizer(spec: str, length: int, folder: str | Path) -> None:
     import gzip
     import json
 
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer, bytes_to_unicode, default_bpe
     from transformers import CLIPTokenizer
+
+    if not isinstance(open_clip.get_tokenizer(spec.partition(":")[2]), SimpleTokenizer):
+        raise ValueError(f"{spec!r} is not open_clip's CLIP BPE tokenizer: no CLIP tokenizer can be written for it")
 
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     units = list(bytes_to_unicode().values())

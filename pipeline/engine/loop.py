@@ -100,8 +100,7 @@ class _Run:
         self.memory_format = torch.channels_last if cfg.engine.channels_last else torch.preserve_format
         task = build_model(cfg).to(dist.device, memory_format=self.memory_format)
         self.backend = make_backend(task, cfg, dist)
-        self.ema = (AveragedModel(self.backend.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema_decay),
-                                  use_buffers=True) if cfg.trainer.ema_decay else None)
+        self.ema = exponential_average(self.backend.module, cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
         self.loader = StreamingLoader(cfg.data, seed=cfg.trainer.seed, rank=dist.rank, world_size=dist.world_size)
         weights = sum(t.numel() * t.element_size() for t in self.backend.module.state_dict().values())
         moments = sum(2 * 4 * p.numel() for p in self.backend.module.parameters() if p.requires_grad)  # AdamW's, fp32
@@ -271,6 +270,19 @@ class _Run:
             final.replace(self.out / "final")
             shutil.rmtree(self.out / "final.old", ignore_errors=True)
         barrier()
+
+
+def exponential_average(module: nn.Module, decay: float) -> AveragedModel:
+    """The EMA of `module`'s parameters and buffers, kept in fp32 whatever the module's precision:
+    in bf16 a step of (1 - decay) times the difference rounds away (DeepSpeed's bf16 weights would
+    leave an EMA of 0.9999 where it started)."""
+    if all(p.dtype == torch.float32 for p in module.parameters() if p.is_floating_point()):
+        return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    def step(average: torch.Tensor, live: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        return torch.lerp(average, live.to(average.dtype), 1 - decay) if average.is_floating_point() else live
+
+    return AveragedModel(module, avg_fn=step, use_buffers=True).float()
 
 
 def _cpu_threads(cfg: TrainConfig) -> int:

@@ -92,8 +92,9 @@ class NoiseSchedule(nn.Module):
         self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas_for(cfg), 0).float(), persistent=False)
 
     def _coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        """sqrt(abar_t) and sqrt(1 - abar_t) per sample, shaped to broadcast over `like`."""
-        abar = self.alphas_cumprod[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+        """sqrt(abar_t) and sqrt(1 - abar_t) per sample, shaped to broadcast over `like`, in fp32:
+        in bf16 the low noise levels round (sigma at t = 1 would be 0)."""
+        abar = self.alphas_cumprod[t].float().view(-1, *([1] * (like.dim() - 1)))
         return abar.sqrt(), (1 - abar).sqrt()
 
     def sample_timesteps(self, batch: int, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
@@ -112,10 +113,10 @@ class NoiseSchedule(nn.Module):
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
         signal, sigma = self._coefficients(t, x0)
-        return signal * x0 + sigma * noise
+        return (signal * x0 + sigma * noise).to(x0.dtype)
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """What the network learns to predict from x_t: noise, v or x0 (the config's `prediction`)."""
+        """What the network learns to predict from x_t: noise, v (in fp32) or x0 (the config's `prediction`)."""
         if self.cfg.prediction == "epsilon":
             return noise
         if self.cfg.prediction == "sample":
@@ -127,10 +128,10 @@ class NoiseSchedule(nn.Module):
         """x0 implied by a network output at x_t (undefined for epsilon at abar_t = 0)."""
         signal, sigma = self._coefficients(t, x_t)
         if self.cfg.prediction == "epsilon":
-            return (x_t - sigma * prediction) / signal
+            return ((x_t - sigma * prediction) / signal).to(x_t.dtype)
         if self.cfg.prediction == "sample":
             return prediction
-        return signal * x_t - sigma * prediction
+        return (signal * x_t - sigma * prediction).to(x_t.dtype)
 
     def predicted_noise(self, prediction: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """eps implied by a network output at x_t (undefined for x0 prediction at abar_t = 1)."""
@@ -138,8 +139,8 @@ class NoiseSchedule(nn.Module):
         if self.cfg.prediction == "epsilon":
             return prediction
         if self.cfg.prediction == "sample":
-            return (x_t - signal * prediction) / sigma
-        return sigma * x_t + signal * prediction
+            return ((x_t - signal * prediction) / sigma).to(x_t.dtype)
+        return (sigma * x_t + signal * prediction).to(x_t.dtype)
 
     def snr(self, t: Tensor) -> Tensor:
         abar = self.alphas_cumprod[t]

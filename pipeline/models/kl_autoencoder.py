@@ -9,7 +9,7 @@ and a latent back to an image. Per image, summed over its pixels and latent entr
     L = L_rec + kl_weight * KL(q(z|x) || N(0, I)) + lambda * disc_factor * L_G,
 
 with kl_weight 1e-6. With `disc_weight` > 0 a PatchGAN discriminator (Isola et al. 2017) is trained
-in its own phase with the hinge loss 0.5 (relu(1 - D(x)) + relu(1 + D(x_hat))), and the generator's
+in its own phase with the hinge loss 0.5 (relu(1 - D(x)) + relu(1 + D(x_hat))) per patch, and the generator's
 adversarial term L_G = -D(x_hat) is weighted adaptively (Esser et al. 2021, "Taming Transformers"):
 lambda = disc_weight * ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last layer, clamped
 to [0, 1e4]. Both start at step `disc_start` (disc_factor 0 before, 1 after).
@@ -151,11 +151,11 @@ class KLAutoencoder(Task):
         return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0, 1e4).detach() * self.cfg.disc_weight
 
     def _discriminator_loss(self, x: Tensor, valid: Tensor) -> dict[str, Tensor]:
-        if not self.adversarial:  # before disc_start: a loss of 0 that leaves the weights where they are
+        if not self.adversarial:  # before disc_start a loss of 0, as taming's: its optimizer steps on zero gradients
             return {"loss": sum(p.sum() for p in self.discriminator.parameters()) * 0.0}
         with torch.no_grad():
             x_hat = self.decode(self.encode(x).sample())
-        real, fake = self.discriminator(x).flatten(1).mean(1), self.discriminator(x_hat).flatten(1).mean(1)
-        hinge = 0.5 * (torch.relu(1 - real) + torch.relu(1 + fake))
-        return {"loss": valid_mean(hinge, valid), "logits_real": valid_mean(real, valid).detach(),
-                "logits_fake": valid_mean(fake, valid).detach()}
+        real, fake = self.discriminator(x).flatten(1), self.discriminator(x_hat).flatten(1)  # a logit per patch
+        hinge = 0.5 * (torch.relu(1 - real).mean(1) + torch.relu(1 + fake).mean(1))
+        return {"loss": valid_mean(hinge, valid), "logits_real": valid_mean(real.mean(1), valid).detach(),
+                "logits_fake": valid_mean(fake.mean(1), valid).detach()}

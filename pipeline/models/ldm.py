@@ -42,6 +42,9 @@ class UNetConfig:
                              "one kind per resolution")
         if any(width % self.norm_num_groups for width in self.block_out_channels):
             raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block_out_channels entry")
+        if any(width % self.attention_head_dim for width in self.block_out_channels):
+            raise ValueError(f"attention_head_dim {self.attention_head_dim} (the heads) must divide every "
+                             "block_out_channels entry")
 
 
 @dataclass

@@ -253,3 +253,19 @@ def test_a_damaged_newest_checkpoint_is_never_loaded_and_the_run_resumes_from_th
     assert f"checkpoint {newest} is damaged (" in output and "(step 4)" in output
     assert not canary.exists() and (out / "checkpoints" / "damaged-step-00000005").exists()
     assert json.loads((out / "final" / "metrics.json").read_text())["step"] == 6
+
+
+def test_the_ema_of_a_bf16_model_is_kept_in_fp32_and_moves():
+    from pipeline.engine.loop import exponential_average
+
+    live = nn.Linear(4, 4).to(torch.bfloat16)
+    ema = exponential_average(live, 0.999)
+    ema.update_parameters(live)  # the first update copies
+    start = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        live.weight += 0.05
+    for _ in range(100):
+        ema.update_parameters(live)
+    moved = (ema.module.weight - start).mean().item()
+    # Before: a bf16 EMA, whose steps of 5e-5 round away, stayed where it started.
+    assert ema.module.weight.dtype == torch.float32 and moved == pytest.approx(0.05 * (1 - 0.999 ** 100), rel=0.1)

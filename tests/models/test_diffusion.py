@@ -131,3 +131,12 @@ def test_a_model_trained_with_the_core_samples_its_classes_with_each_scheduler(p
         samples = denoise(predict, make_scheduler(cfg, scheduler), noise, steps=25)
     distance = (samples - centres[wanted]).norm(dim=1)
     assert torch.isfinite(samples).all() and (distance < 0.6).float().mean() > 0.9, distance
+
+
+def test_noise_levels_stay_exact_for_bf16_latents():
+    schedule = NoiseSchedule(DiffusionConfig(prediction="v_prediction"))
+    x0, noise, t = torch.zeros(3, 4, 2, 2, dtype=torch.bfloat16), torch.ones(3, 4, 2, 2, dtype=torch.bfloat16), torch.tensor([0, 1, 5])
+    sigma = (1 - schedule.alphas_cumprod[t]).sqrt()
+    # Before: abar rounded to bf16 made sigma 0 at t = 0 and 1, and 0.0625 for 0.072 at t = 5.
+    assert torch.allclose(schedule.add_noise(x0, noise, t).float()[:, 0, 0, 0], sigma, rtol=1e-2)
+    assert schedule.target(x0, noise, t).dtype == torch.float32 and schedule.add_noise(x0, noise, t).dtype == torch.bfloat16
