@@ -107,12 +107,15 @@ def flops_per_sample(cfg: Config) -> int:
 
     m = cfg.model
     with torch.device("meta"):
-        model = build_model(cfg)
-        batch = {"latent_mean": torch.zeros(1, m.latent_channels, m.latent_size, m.latent_size),
-                 "text_tokens": torch.zeros(1, m.text_length, dtype=torch.long), "valid": torch.ones(1, dtype=torch.bool)}
-        batch["latent_logvar"] = batch["latent_mean"]
-        with FlopCounterMode(display=False) as counter:
-            model(batch)["loss"].backward()
+        # .to: after a transformers from_pretrained, torch.linspace ignores the device context (the schedule's buffer)
+        model = build_model(cfg).to("meta")
+    meta = {"device": "meta"}
+    batch = {"latent_mean": torch.zeros(1, m.latent_channels, m.latent_size, m.latent_size, **meta),
+             "text_tokens": torch.zeros(1, m.text_length, dtype=torch.long, **meta),
+             "valid": torch.ones(1, dtype=torch.bool, **meta)}
+    batch["latent_logvar"] = batch["latent_mean"]
+    with FlopCounterMode(display=False) as counter:
+        model(batch)["loss"].backward()
     return counter.get_total_flops()
 
 
@@ -182,7 +185,7 @@ def export(run: str, fmt: str, out: str) -> Path:
         raise ValueError(f"{target} is not empty: export to a new folder")
     trained = load_run(run, "ldm")
     cfg, model = trained.cfg, trained.model
-    producer = require(cfg.data.shards, LATENT_MEMBERS, cfg.autoencoder)["producer"]
+    producer = check_latents(cfg)["producer"]
     with tempfile.TemporaryDirectory() as folder:
         save_clip_tokenizer(producer["tokenizer"], producer["text_length"], folder)
         tokenizer = CLIPTokenizer.from_pretrained(folder)

@@ -130,10 +130,10 @@ class KLAutoencoder(Task):
         posterior = self.encode(x)
         z = posterior.sample()
         x_hat = self.decode(z)
-        reconstruction = (x - x_hat).abs().flatten(1).sum(1)
-        kl = posterior.kl()
+        error = (x - x_hat).abs().flatten(1)
+        reconstruction, kl = error.sum(1), posterior.kl()
         loss = valid_mean(reconstruction + self.cfg.kl_weight * kl, valid)
-        out = {"l1": valid_mean((x - x_hat).abs().flatten(1).mean(1), valid), "kl": valid_mean(kl, valid).detach(),
+        out = {"l1": valid_mean(error.detach().mean(1), valid), "kl": valid_mean(kl, valid).detach(),
                "psnr": psnr(x, x_hat.detach(), valid), "latent_std": z.detach().std()}
         if self.adversarial:
             generator_loss = valid_mean(-self.discriminator(x_hat).flatten(1).mean(1), valid)

@@ -54,6 +54,14 @@ def _wait(jobs: dict[str, str], timeout: float = 300) -> None:
     pytest.fail(f"jobs {jobs} still queued after {timeout} s")
 
 
+def _wait_for_steps(out: Path, steps: int, timeout: float = 240) -> None:
+    """Waits until the stage training in `out` has logged `steps` steps."""
+    deadline = time.time() + timeout
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < steps:
+        assert time.time() < deadline, "the stage did not start training"
+        time.sleep(0.5)
+
+
 def _states(run: Path) -> dict[str, str]:
     return {row["stage"]: row["state"] for row in stage_states(run)}
 
@@ -110,10 +118,7 @@ def test_a_requeued_stage_resumes_from_its_checkpoint_without_training_a_step_tw
     pipeline = _write_pipeline(tmp_path / "rq.yaml", "rq", tmp_path / "runs", stages)
     jobs = _submit(pipeline)
     out = tmp_path / "runs" / "rq" / "toy"
-    deadline = time.time() + 240
-    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 5:
-        assert time.time() < deadline, "the stage did not start training"
-        time.sleep(0.5)
+    _wait_for_steps(out, 5)
     subprocess.run(["scontrol", "requeue", jobs["toy"]], check=True)
     _wait(jobs, timeout=400)
     log = next(out.glob("slurm-*.out")).read_text()
@@ -130,10 +135,7 @@ def test_a_requeued_stage_that_cannot_resume_fails_once_and_status_says_why(slur
     pipeline = _write_pipeline(tmp_path / "crash.yaml", "crash", tmp_path / "runs", stages)
     jobs = _submit(pipeline)
     out = tmp_path / "runs" / "crash" / "toy"
-    deadline = time.time() + 240
-    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
-        assert time.time() < deadline, "the stage did not start training"
-        time.sleep(0.5)
+    _wait_for_steps(out, 3)
     subprocess.run(["scontrol", "requeue", jobs["toy"]], check=True)
     _wait(jobs, timeout=300)  # before: requeued again and again, until cancelled
     log = (out / f"slurm-{jobs['toy']}.out").read_text()
@@ -151,10 +153,7 @@ def test_a_stage_requeues_itself_at_most_launch_max_restarts_times(slurm_cluster
     pipeline = _write_pipeline(tmp_path / "cap.yaml", "cap", tmp_path / "runs", stages)
     jobs = _submit(pipeline)
     out = tmp_path / "runs" / "cap" / "toy"
-    deadline = time.time() + 240
-    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
-        assert time.time() < deadline, "the stage did not start training"
-        time.sleep(0.5)
+    _wait_for_steps(out, 3)
     subprocess.run(["scancel", "--batch", "--signal=USR1", jobs["toy"]], check=True)
     _wait(jobs, timeout=300)
     run = tmp_path / "runs" / "cap"
@@ -168,10 +167,7 @@ def test_a_local_run_is_refused_while_a_job_trains_the_stage_naming_the_job(slur
     pipeline = _write_pipeline(tmp_path / "owned.yaml", "owned", tmp_path / "runs", stages)
     jobs = _submit(pipeline)
     out = tmp_path / "runs" / "owned" / "toy"
-    deadline = time.time() + 240
-    while not (out / "metrics.jsonl").exists():
-        assert time.time() < deadline, "the stage did not start training"
-        time.sleep(0.5)
+    _wait_for_steps(out, 1)
     local = _t2i("run", str(pipeline))
     subprocess.run(["scancel", *jobs.values()], check=True)
     _wait(jobs)
@@ -248,10 +244,7 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, 
     pipeline = _write_pipeline(tmp_path / "usr1.yaml", "usr1", tmp_path / "runs", stages)
     jobs = _submit(pipeline)
     out = tmp_path / "runs" / "usr1" / "toy"
-    deadline = time.time() + 240
-    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 4:
-        assert time.time() < deadline, "the stage did not start training"
-        time.sleep(0.5)
+    _wait_for_steps(out, 4)
     subprocess.run(["scancel", "--batch", "--signal=USR1", jobs["toy"]], check=True)
     _wait(jobs, timeout=400)
     log = next(out.glob("slurm-*.out")).read_text()
