@@ -18,11 +18,13 @@ import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from pipeline.data.precomputed import require
+from pipeline.data.shapes import heldout_captions
 from pipeline.data.text import make_tokenizer, save_clip_tokenizer, vocab_size
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
@@ -131,23 +133,23 @@ class SamplerConfig:
 
 class Sampler:
     """Captions -> images: latents denoised from per-image noise by a diffusers scheduler, guided,
-    then decoded by the autoencoder that made the latent shards (pipeline/sampling.py has the contract)."""
+    then decoded by `decoder` (the autoencoder that made the latent shards; pipeline/sampling.py has
+    the contract). `tokenize` maps captions to the model's token ids (L = model.cfg.text_length)."""
 
-    def __init__(self, model: LatentDiffusion, cfg: Config, manifest: dict, options: SamplerConfig,
-                 device: torch.device) -> None:
-        producer = manifest["producer"]
-        self.model, self.options, self.device = model.to(device).eval(), options, device
-        self.decoder = load_run(cfg.autoencoder, "kl_autoencoder").model.to(device)
-        self.tokenize = make_tokenizer(producer["tokenizer"], producer["text_length"])
-        self.latent_shape = tuple(manifest["info"]["latent_shape"])
-        self.scheduler = make_scheduler(cfg.model.diffusion, options.scheduler)
-        if options.steps >= cfg.model.diffusion.steps:  # leading spacing with offset 1 would start past the last step
-            raise ValueError(f"ldm.steps must be below the {cfg.model.diffusion.steps} steps the model was trained on")
+    def __init__(self, model: LatentDiffusion, decoder: nn.Module, tokenize: Callable[[list[str]], torch.Tensor],
+                 options: SamplerConfig, device: torch.device) -> None:
+        m = model.cfg
+        self.model, self.decoder, self.tokenize = model.to(device).eval(), decoder.to(device), tokenize
+        self.options, self.device = options, device
+        self.latent_shape = (m.latent_channels, m.latent_size, m.latent_size)
+        self.scheduler = make_scheduler(m.diffusion, options.scheduler)
+        if options.steps >= m.diffusion.steps:  # leading spacing with offset 1 would start past the last step
+            raise ValueError(f"ldm.steps must be below the {m.diffusion.steps} steps the model was trained on")
 
     @classmethod
     def from_run(cls, run: str, options: SamplerConfig, device: torch.device) -> Sampler:
         trained = load_run(run, "ldm")
-        return cls(trained.model, trained.cfg, check_latents(trained.cfg), options, device)
+        return cls(trained.model, *_decoder_and_tokenizer(trained.cfg, check_latents(trained.cfg)), options, device)
 
     @torch.no_grad()
     def sample(self, captions: list[str], seeds: list[int]) -> torch.Tensor:
@@ -156,16 +158,30 @@ class Sampler:
         negative = self.tokenize([o.negative_caption] * len(captions)).to(self.device) if o.negative_caption else \
             model.null_tokens.expand(len(captions), -1)  # what caption dropout trained as the unconditional input
         uncond = model.encode_text(negative)
+        dtype = model.unet.dtype  # bf16 when drawn during a DeepSpeed bf16 run without an EMA; the solver stays fp32
 
         def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if o.guidance_scale == 1:
-                return model.predict(latents, t, cond)
-            both = model.predict(torch.cat([latents, latents]), t, torch.cat([cond, uncond]))
+                return model.predict(latents.to(dtype), t, cond).float()
+            both = model.predict(torch.cat([latents, latents]).to(dtype), t, torch.cat([cond, uncond])).float()
             return guide(*both.chunk(2), o.guidance_scale)
 
         noise = initial_noise((len(captions), *self.latent_shape), seeded_generators(seeds), self.device)
         latents = denoise(predict, self.scheduler, noise, o.steps)
         return self.decoder.decode(latents / model.scale_factor).clamp(-1, 1)
+
+
+def _decoder_and_tokenizer(cfg: Config, manifest: dict) -> tuple[nn.Module, Callable[[list[str]], torch.Tensor]]:
+    """The autoencoder that made the latent shards, and their tokenizer."""
+    producer = manifest["producer"]
+    return load_run(cfg.autoencoder, "kl_autoencoder").model, make_tokenizer(producer["tokenizer"], producer["text_length"])
+
+
+def draw_images(decoder_and_tokenizer: tuple, model: LatentDiffusion, batch: dict) -> dict[str, torch.Tensor]:
+    """Samples for 8 held-out shapes captions (one per column, two rows), 20 DPM-Solver++ steps."""
+    options = SamplerConfig(steps=min(20, model.cfg.diffusion.steps - 1))
+    sampler = Sampler(model, *decoder_and_tokenizer, options, batch["latent_mean"].device)
+    return {"samples": sampler.sample(heldout_captions(8) * 2, list(range(16)))}
 
 
 def export(run: str, fmt: str, out: str) -> Path:
@@ -201,4 +217,6 @@ def export(run: str, fmt: str, out: str) -> Path:
 
 def run(cfg: Config) -> int:
     manifest = check_latents(cfg)  # before any process group starts
-    return exit_code(train(cfg, partial(build_for_data, manifest=manifest)))
+    # sharded weights cannot sample
+    images = partial(draw_images, _decoder_and_tokenizer(cfg, manifest)) if cfg.engine.zero_stage < 3 else None
+    return exit_code(train(cfg, partial(build_for_data, manifest=manifest), images))

@@ -81,5 +81,3 @@ class TrainConfig:
         image_size = getattr(getattr(self, "model", None), "image_size", None)  # stages that add an image model
         if image_size is not None and image_size != self.data.resolution:
             raise ValueError(f"model.image_size ({image_size}) must equal data.resolution ({self.data.resolution})")
-        if self.trainer.ema_decay and self.engine.zero_stage == 3:
-            raise ValueError("trainer.ema_decay needs the full weights on every rank: not with ZeRO stage 3")

@@ -29,13 +29,13 @@ import numpy as np
 import safetensors.torch
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.data.loader import StreamingLoader
 from pipeline.engine.backends import make_backend
 from pipeline.engine.checkpoint import Checkpointer, finished_step, latest, step_of
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.distributed import DistInfo, any_rank, barrier, free_cores, setup, teardown
+from pipeline.engine.ema import make_average
 from pipeline.engine.monitor import Monitor
 from pipeline.engine.task import task_method
 from pipeline.markers import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
@@ -100,7 +100,8 @@ class _Run:
         self.memory_format = torch.channels_last if cfg.engine.channels_last else torch.preserve_format
         task = build_model(cfg).to(dist.device, memory_format=self.memory_format)
         self.backend = make_backend(task, cfg, dist)
-        self.ema = exponential_average(self.backend.module, cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
+        sharded = cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3
+        self.ema = make_average(self.backend.module, cfg.trainer.ema_decay, sharded) if cfg.trainer.ema_decay else None
         self.loader = StreamingLoader(cfg.data, seed=cfg.trainer.seed, rank=dist.rank, world_size=dist.world_size)
         weights = sum(t.numel() * t.element_size() for t in self.backend.module.state_dict().values())
         moments = sum(2 * 4 * p.numel() for p in self.backend.module.parameters() if p.requires_grad)  # AdamW's, fp32
@@ -113,9 +114,10 @@ class _Run:
     # -- checkpoint state -------------------------------------------------------------------------
     def _write(self, folder: Path) -> None:
         self.backend.save(folder, self.dist.is_main)
-        if self.ema is not None and self.dist.is_main:
-            safetensors.torch.save_file({k: v.contiguous() for k, v in self.ema.state_dict().items()},
-                                        folder / "ema.safetensors")
+        if self.ema is not None:
+            ema = self.ema.state_dict()  # a collective under ZeRO-3
+            if self.dist.is_main:
+                safetensors.torch.save_file({k: v.contiguous() for k, v in ema.items()}, folder / "ema.safetensors")
         torch.save({"step": self.step, "samples": self.samples, "nonfinite": self.nonfinite,
                     "loader": self.loader.state_dict(), "rng": _rng_state()}, folder / f"rank-{self.dist.rank}.pt")
 
@@ -131,7 +133,7 @@ class _Run:
                              f"(launch.nnodes x launch.nproc_per_node), not {world}")
         self.backend.load(checkpoint)
         if self.ema is not None:
-            self.ema.load_state_dict(safetensors.torch.load_file(checkpoint / "ema.safetensors"))
+            self.ema.load(str(checkpoint / "ema.safetensors"))
         own = torch.load(states[self.dist.rank], weights_only=True) if self.dist.rank < len(states) else None
         if len(states) == world and self.loader.same_layout(own["loader"]):
             state = own
@@ -151,13 +153,6 @@ class _Run:
             (self.out / PREEMPTED_MARKER).unlink(missing_ok=True)
             moved = f"; world size {len(states)} -> {world}" if len(states) != world else ""
             print(f"resumed from {checkpoint} (step {step_of(checkpoint)}){moved}", flush=True)
-
-    def _update_ema(self) -> None:
-        self.ema.update_parameters(self.backend.module)
-        # Counters are not averaged: rounded, an average of a step count would stay at its first value.
-        for averaged, live in zip(self.ema.module.buffers(), self.backend.module.buffers()):
-            if not averaged.is_floating_point():
-                averaged.copy_(live)
 
     def _save(self) -> None:
         self.checkpointer.save(self.step, self._write)
@@ -181,7 +176,7 @@ class _Run:
                 after_step(self.step)
                 self.samples += samples
                 if self.ema is not None:
-                    self._update_ema()
+                    self.ema.update(self.backend.module)
                 monitor.step(self.step, outputs, samples * dist.world_size, waited,
                              {"lr": self.backend.lr, **scalars, "nonfinite_skipped": self.nonfinite,
                               "samples_skipped": sum(self.loader.totals()["skipped"].values())})
@@ -244,7 +239,7 @@ class _Run:
     def _images(self, monitor: Monitor) -> None:
         if self.draw_images is None or self.preview is None:
             return
-        module = self.ema.module if self.ema is not None else self.backend.module
+        module = self.ema.module if self.ema is not None and self.ema.module is not None else self.backend.module
         was_training = module.training
         module.eval()
         with torch.no_grad():
@@ -270,19 +265,6 @@ class _Run:
             final.replace(self.out / "final")
             shutil.rmtree(self.out / "final.old", ignore_errors=True)
         barrier()
-
-
-def exponential_average(module: nn.Module, decay: float) -> AveragedModel:
-    """The EMA of `module`'s parameters and buffers, kept in fp32 whatever the module's precision:
-    in bf16 a step of (1 - decay) times the difference rounds away (DeepSpeed's bf16 weights would
-    leave an EMA of 0.9999 where it started)."""
-    if all(p.dtype == torch.float32 for p in module.parameters() if p.is_floating_point()):
-        return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-    def step(average: torch.Tensor, live: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        return torch.lerp(average, live.to(average.dtype), 1 - decay) if average.is_floating_point() else live
-
-    return AveragedModel(module, avg_fn=step, use_buffers=True).float()
 
 
 def _cpu_threads(cfg: TrainConfig) -> int:

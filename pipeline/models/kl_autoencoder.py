@@ -5,10 +5,11 @@ The network is diffusers' `AutoencoderKL`: an image x (3, H, W) in [-1, 1] maps 
 Gaussian q(z|x) over latents (latent_channels, H/f, W/f), f = 2 ** (len(block_out_channels) - 1),
 and a latent back to an image. Per image, summed over its pixels and latent entries,
 
-    L_rec = sum |x - D(z)|  (+ perceptual_weight * sum LPIPS-style feature distance),   z ~ q(z|x)
+    L_rec = sum |x - D(z)| + perceptual_weight * LPIPS(x, D(z)) * C * H * W,   z ~ q(z|x)
     L = L_rec + kl_weight * KL(q(z|x) || N(0, I)) + lambda * disc_factor * L_G,
 
-with kl_weight 1e-6. With `disc_weight` > 0 a PatchGAN discriminator (Isola et al. 2017) is trained
+with kl_weight 1e-6 and LPIPS over VGG16 (pipeline/models/perceptual.py; LDM's weight is 1), counted
+at every pixel as taming's loss broadcasts it. With `disc_weight` > 0 a PatchGAN discriminator (Isola et al. 2017) is trained
 in its own phase with the hinge loss 0.5 (relu(1 - D(x)) + relu(1 + D(x_hat))) per patch, and the generator's
 adversarial term L_G = -D(x_hat) is weighted adaptively (Esser et al. 2021, "Taming Transformers"):
 lambda = disc_weight * ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last layer, clamped
@@ -38,6 +39,8 @@ class KLAutoencoderConfig:
     layers_per_block: PositiveInt = 2
     norm_num_groups: PositiveInt = 32  # divides every block's width
     kl_weight: NonNegativeFloat = 1e-6
+    perceptual_weight: NonNegativeFloat = 0.0  # 0: no LPIPS term (LDM: 1.0)
+    perceptual_backbone: str = ""  # the VGG16 weights LPIPS needs: a local torchvision state dict (vgg16-397923af.pth)
     disc_weight: NonNegativeFloat = 0.0  # 0: no discriminator (LDM: 0.5)
     disc_start: NonNegativeInt = 50_001  # the step from which the discriminator trains and counts
     disc_layers: PositiveInt = 3  # stride-2 convolutions of the PatchGAN
@@ -54,6 +57,9 @@ class KLAutoencoderConfig:
             raise ValueError(f"image_size {self.image_size} is not divisible by the downsampling factor {self.downsampling}")
         if any(width % self.norm_num_groups for width in self.block_out_channels):
             raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block_out_channels entry")
+        if self.perceptual_weight and not self.perceptual_backbone:
+            raise ValueError("perceptual_weight > 0 needs perceptual_backbone: a local torchvision VGG16 state dict "
+                             "(vgg16-397923af.pth)")
 
 
 def autoencoder_kl(cfg: KLAutoencoderConfig) -> AutoencoderKL:
@@ -85,12 +91,15 @@ class PatchDiscriminator(nn.Module):
 
 
 class KLAutoencoder(Task):
-    """The training task: the autoencoder, and with disc_weight > 0 the discriminator, in two phases."""
+    """The training task: the autoencoder, and with disc_weight > 0 the discriminator, in two phases.
+    `perceptual` is the LPIPS network, needed in training when perceptual_weight > 0; it is frozen
+    and kept out of the module tree, so neither optimizers nor saved weights hold it."""
 
-    def __init__(self, cfg: KLAutoencoderConfig) -> None:
+    def __init__(self, cfg: KLAutoencoderConfig, perceptual: nn.Module | None = None) -> None:
         super().__init__()
         cfg.validate()
         self.cfg, self.step = cfg, 0
+        self._perceptual = (perceptual,)  # a tuple: not registered as a submodule
         self.autoencoder = autoencoder_kl(cfg)
         self.discriminator = PatchDiscriminator(cfg.disc_layers, cfg.disc_channels) if cfg.disc_weight > 0 else None
 
@@ -132,15 +141,26 @@ class KLAutoencoder(Task):
         x_hat = self.decode(z)
         error = (x - x_hat).abs().flatten(1)
         reconstruction, kl = error.sum(1), posterior.kl()
-        loss = valid_mean(reconstruction + self.cfg.kl_weight * kl, valid)
         out = {"l1": valid_mean(error.detach().mean(1), valid), "kl": valid_mean(kl, valid).detach(),
                "psnr": psnr(x, x_hat.detach(), valid), "latent_std": z.detach().std()}
+        if self.cfg.perceptual_weight:
+            distance = self.perceptual(x, x_hat)
+            reconstruction = reconstruction + self.cfg.perceptual_weight * distance * x[0].numel()
+            out["lpips"] = valid_mean(distance, valid).detach()
+        loss = valid_mean(reconstruction + self.cfg.kl_weight * kl, valid)
         if self.adversarial:
             generator_loss = valid_mean(-self.discriminator(x_hat).flatten(1).mean(1), valid)
             weight = self._adaptive_weight(valid_mean(reconstruction, valid), generator_loss)
             loss = loss + weight * generator_loss
             out |= {"generator_loss": generator_loss.detach(), "adaptive_weight": weight}
         return {"loss": loss, **out}
+
+    def perceptual(self, x: Tensor, x_hat: Tensor) -> Tensor:
+        """LPIPS(x, x_hat) per image (B,), computed in fp32."""
+        (network,) = self._perceptual
+        if network is None:
+            raise ValueError("perceptual_weight > 0 but the task was built without its LPIPS network (training builds it)")
+        return network.to(x.device)(x.float(), x_hat.float()).flatten()
 
     def _adaptive_weight(self, reconstruction: Tensor, generator_loss: Tensor) -> Tensor:
         if not torch.is_grad_enabled():  # evaluation: no gradients to balance

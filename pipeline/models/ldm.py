@@ -35,6 +35,9 @@ class UNetConfig:
     layers_per_block: PositiveInt = 2
     attention_head_dim: PositiveInt = 8  # Stable Diffusion 1.x: 8 heads ("attention_head_dim" in diffusers' naming)
     norm_num_groups: PositiveInt = 32
+    # Also add the attention-pooled text states to the timestep embedding, which every ResNet block
+    # sees (Imagen's and unCLIP's conditioning; Stable Diffusion has cross-attention only).
+    pooled_text: bool = False
 
     def validate(self) -> None:
         if len(self.blocks) != len(self.block_out_channels):
@@ -82,14 +85,17 @@ class LDMConfig:
                              "the UNet's downsampling")
 
 
-def unet_for(cfg: UNetConfig, latent_shape: tuple[int, int, int], cross_attention_dim: int) -> UNet2DConditionModel:
-    """diffusers' conditional UNet for latents of `latent_shape` (C, H, W), randomly initialised."""
+def unet_for(cfg: UNetConfig, latent_shape: tuple[int, int, int], text_config) -> UNet2DConditionModel:
+    """diffusers' conditional UNet for latents of `latent_shape` (C, H, W), randomly initialised,
+    attending to the states of a text encoder of config `text_config` (a transformers CLIPTextConfig)."""
     down = tuple("CrossAttnDownBlock2D" if kind == "cross_attention" else "DownBlock2D" for kind in cfg.blocks)
     up = tuple("CrossAttnUpBlock2D" if kind == "cross_attention" else "UpBlock2D" for kind in reversed(cfg.blocks))
     return UNet2DConditionModel(sample_size=latent_shape[1], in_channels=latent_shape[0], out_channels=latent_shape[0],
                                 block_out_channels=tuple(cfg.block_out_channels), down_block_types=down, up_block_types=up,
-                                layers_per_block=cfg.layers_per_block, cross_attention_dim=cross_attention_dim,
-                                attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups)
+                                layers_per_block=cfg.layers_per_block, cross_attention_dim=text_config.hidden_size,
+                                attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups,
+                                addition_embed_type="text" if cfg.pooled_text else None,
+                                addition_embed_type_num_heads=text_config.num_attention_heads)
 
 
 class LatentDiffusion(Task):
@@ -105,7 +111,7 @@ class LatentDiffusion(Task):
         self.text_encoder = text_encoder
         self.text_encoder.requires_grad_(cfg.text.train)
         latent_shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-        self.unet = unet_for(cfg.unet, latent_shape, text_encoder.config.hidden_size)
+        self.unet = unet_for(cfg.unet, latent_shape, text_encoder.config)
         self.schedule = NoiseSchedule(cfg.diffusion)
         self.register_buffer("scale_factor", torch.tensor(1.0))
         self.register_buffer("null_tokens", torch.zeros(cfg.text_length, dtype=torch.long))  # the empty caption's tokens

@@ -76,3 +76,28 @@ def test_a_run_moved_from_two_ranks_to_one_resumes_or_says_why_not(shapes_shards
     assert "re-planned the rest of epoch 0 for world_size 2 -> 1" in moved.stderr
     state = torch.load(latest(out / "checkpoints") / "rank-0.pt", weights_only=True)
     assert state["step"] == 6 and not (latest(out / "checkpoints") / "rank-1.pt").exists()
+
+
+def test_the_ema_of_a_zero3_run_on_two_ranks_equals_the_ema_of_a_one_process_run(shapes_shards, tmp_path):
+    from safetensors.torch import load_file
+
+    # The toy's loss depends on the weights alone, so both runs take the same steps; the EMA of the
+    # ZeRO-3 run is kept in per-rank partitions, the one-process run's in a whole copy.
+    common = {"model.data_free": True, "trainer.ema_decay": 0.6, "trainer.max_steps": 6, "trainer.save_every": 3,
+              "optim.lr": 0.01}
+    sharded = _torchrun(toy_overrides(shapes_shards, tmp_path / "zero3", **common, **{
+        "engine.backend": "deepspeed", "engine.zero_stage": 3, "model.signal_at_call": 4}))
+    assert sharded.returncode != 0 and step_of(latest(tmp_path / "zero3" / "checkpoints")) == 4, sharded.stderr[-3000:]
+    resumed = _torchrun(toy_overrides(shapes_shards, tmp_path / "zero3", **common, **{
+        "engine.backend": "deepspeed", "engine.zero_stage": 3}))  # the EMA's partitions come back from the checkpoint
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    whole = _one_process(toy_overrides(shapes_shards, tmp_path / "one", **common))
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    ours, reference = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("zero3", "one"))
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], rtol=1e-5, atol=1e-6)
+    live = load_file(latest(tmp_path / "one" / "checkpoints") / "model.safetensors")
+    assert not torch.allclose(live["net.0.weight"], reference["net.0.weight"], atol=1e-4)  # the average lags the weights
+    ema = load_file(latest(tmp_path / "zero3" / "checkpoints") / "ema.safetensors")
+    assert int(ema["n_averaged"]) == 6

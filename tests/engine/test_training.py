@@ -256,7 +256,7 @@ def test_a_damaged_newest_checkpoint_is_never_loaded_and_the_run_resumes_from_th
 
 
 def test_the_ema_of_a_bf16_model_is_kept_in_fp32_and_moves():
-    from pipeline.engine.loop import exponential_average
+    from pipeline.engine.ema import exponential_average
 
     live = nn.Linear(4, 4).to(torch.bfloat16)
     ema = exponential_average(live, 0.999)

@@ -21,6 +21,7 @@ class ToyModelConfig:
     width: int = 8
     nan_on_rank: int = -1  # this rank's loss is NaN at call `nan_at_call`
     nan_at_call: int = -1
+    data_free: bool = False  # the loss depends on the weights alone: every world size follows one trajectory
     # Interruptions, which change when a run stops, not what it computes:
     signal_at_call: int = operational(-1)  # the model sends SIGUSR1 to its own process during this call
     sleep_s: float = operational(0.0)  # slows each step, so a test can kill the run between checkpoints
@@ -48,6 +49,8 @@ class ToyModel(nn.Module):
         self.calls += 1
         target = self.pool(batch["image"])
         noisy = target + 0.1 * torch.randn_like(target)  # uses the RNG, so resume must restore it
+        if self.cfg.data_free:
+            noisy, target = torch.ones_like(target), torch.full_like(target, 0.5)
         error = (self.net(noisy).view_as(target) - target).pow(2).flatten(1).mean(1)
         valid = batch["valid"].float()
         loss = (error * valid).sum() / valid.sum().clamp(min=1)

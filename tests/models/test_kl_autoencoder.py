@@ -77,3 +77,11 @@ def test_the_autoencoder_learns_a_fixed_batch():
 def test_shapes_that_cannot_be_built_are_config_errors(bad, message):
     with pytest.raises(ConfigError, match=message):
         load_config(KLAutoencoderConfig, overrides=["image_size=16", "block_out_channels=[8,16]", "norm_num_groups=4", bad])
+
+
+def test_bf16_decoding_and_reconstruction_are_finite():
+    task = KLAutoencoder(KLAutoencoderConfig(**TINY)).to(torch.bfloat16)
+    latents = 3 * torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)  # beyond the posterior's usual range
+    with torch.no_grad():
+        decoded, rebuilt = task.decode(latents), task.reconstruct(_batch()["image"].to(torch.bfloat16))
+    assert decoded.dtype == torch.bfloat16 and torch.isfinite(decoded).all() and torch.isfinite(rebuilt).all()

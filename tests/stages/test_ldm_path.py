@@ -16,20 +16,31 @@ from pipeline.data.tars import iter_raw_samples
 from pipeline.runs import load_run, run_stage
 from stages import kl_autoencoder, latents, ldm
 from stages.shards import ShardsConfig, build
+from tests.models.test_perceptual import write_vgg16
 
 
 def test_the_kl_autoencoder_trains_its_discriminator_from_the_start_step_and_logs_psnr_and_latent_std(tmp_path):
     build(ShardsConfig(out_dir=str(tmp_path / "shapes"), count=48, resolution=32, samples_per_shard=24))
-    out = tmp_path / "klae"
+    out, vgg = tmp_path / "klae", write_vgg16(tmp_path / "vgg16.pth")
+    overrides = [f"data.shards={tmp_path / 'shapes'}", f"trainer.out_dir={out}", "data.resolution=32",
+                 "model.image_size=32", "model.block_out_channels=[16,32]", "model.norm_num_groups=8",
+                 "model.disc_start=3", "model.disc_channels=8", "data.batch_size=8", "data.num_workers=0",
+                 "trainer.max_steps=6", "trainer.save_every=3", "trainer.log_every=1", "trainer.image_every=0",
+                 "model.perceptual_weight=1.0"]
+    missing = load_config(kl_autoencoder.Config, "configs/kl_autoencoder/tiny.yaml",
+                          [*overrides, f"model.perceptual_backbone={tmp_path / 'absent.pth'}",
+                           f"trainer.out_dir={tmp_path / 'refused'}"])
+    with pytest.raises(ValueError, match="model.perceptual_backbone: no file"):
+        run_stage("kl_autoencoder", missing)
+    assert not (tmp_path / "refused" / "checkpoints").exists()
     cfg = load_config(kl_autoencoder.Config, "configs/kl_autoencoder/tiny.yaml",
-                      [f"data.shards={tmp_path / 'shapes'}", f"trainer.out_dir={out}", "data.resolution=32",
-                       "model.image_size=32", "model.block_out_channels=[16,32]", "model.norm_num_groups=8",
-                       "model.disc_start=3", "model.disc_channels=8", "data.batch_size=8", "data.num_workers=0",
-                       "trainer.max_steps=6", "trainer.save_every=3", "trainer.log_every=1", "trainer.image_every=0"])
+                      [*overrides, f"model.perceptual_backbone={vgg}"])
     assert run_stage("kl_autoencoder", cfg) == 0
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
-    assert all({"psnr", "latent_std", "kl", "l1", "discriminator/loss"} <= set(line) for line in lines)
+    assert all({"psnr", "latent_std", "kl", "l1", "lpips", "discriminator/loss"} <= set(line) for line in lines)
+    vgg.unlink()  # decoding (latents, sampling) never needs the VGG weights, nor do they travel with the run
+    assert set(load_run(out).model.state_dict()) == set(safetensors.torch.load_file(out / "final" / "model.safetensors"))
     # after_step(3) is called once step 3 is taken: the adversarial terms count from step 4 on
     assert all(line["discriminator/loss"] == 0 and "adaptive_weight" not in line for line in lines[:3])
     assert all(line["discriminator/loss"] > 0 and line["adaptive_weight"] > 0 for line in lines[3:])
@@ -206,3 +217,92 @@ def test_describe_sizes_the_stable_diffusion_shape_without_latent_shards():
     # SD 1.5: an 859.5M UNet and a 123M CLIP ViT-L/14 text transformer; ~2.4 TFLOP a 512 px image
     assert 980e6 < report["parameters"] < 985e6
     assert 2.3e12 < report["flops_per_sample"] < 2.6e12
+
+
+def test_the_ldm_stage_trains_with_deepspeed_zero3_bf16_and_an_ema_over_two_processes_and_exports(ldm_path, tmp_path):
+    import subprocess
+    import sys
+
+    from diffusers import StableDiffusionPipeline
+
+    shards = ldm_path / "latents-bpe"
+    if not shards.exists():
+        _latents(ldm_path, ldm_path / "klae", shards, "tokenizer=open_clip:ViT-B-32")
+    out = tmp_path / "zero3"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline.cli",
+         "stage", "ldm", "-c", "configs/ldm/tiny.yaml", f"data.shards={shards}", f"autoencoder={ldm_path / 'klae'}",
+         f"trainer.out_dir={out}", "data.batch_size=4", "data.num_workers=0", "trainer.max_steps=3",
+         "model.unet.block_out_channels=[16,32]", "model.unet.norm_num_groups=8", "model.text.width=32",
+         "model.latent_size=16", "model.text_vocab_size=49408", "model.unet.pooled_text=true", "trainer.ema_decay=0.5",
+         "engine.backend=deepspeed", "engine.zero_stage=3", "engine.precision=bf16"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    final = safetensors.torch.load_file(out / "final" / "model.safetensors")
+    ema = safetensors.torch.load_file(out / "checkpoints" / "step-00000003" / "ema.safetensors")
+    assert int(ema["n_averaged"]) == 3
+    # final/ holds the EMA, gathered whole from the ranks' partitions, in fp32
+    for key, value in final.items():
+        assert torch.equal(value, ema[f"module.{key}"].to(value.dtype)), key
+    assert final["unet.conv_in.weight"].shape == (16, 4, 3, 3) and final["unet.conv_in.weight"].dtype == torch.float32
+    exported = tmp_path / "exported"
+    assert cli.main(["export", str(out), "--format", "diffusers", str(exported)]) == 0
+    pipeline = StableDiffusionPipeline.from_pretrained(exported, local_files_only=True)
+    assert torch.equal(pipeline.unet.state_dict()["conv_in.weight"], final["unet.conv_in.weight"])
+    image = pipeline(["a red circle"], num_inference_steps=2, output_type="pt",
+                     generator=[torch.Generator().manual_seed(0)]).images
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+
+
+def test_a_killed_ldm_run_resumes_to_the_weights_of_an_uninterrupted_one(ldm_path, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.engine.checkpoint import latest, step_of
+
+    def stage(out):
+        arguments = [f"data.shards={ldm_path / 'latents'}", f"autoencoder={ldm_path / 'klae'}", f"trainer.out_dir={out}",
+                     "data.batch_size=8", "data.num_workers=0", "trainer.max_steps=4", "trainer.save_every=2",
+                     "model.unet.block_out_channels=[16,32]", "model.unet.norm_num_groups=8", "model.text.width=32",
+                     "model.latent_size=16", "trainer.image_every=1", "trainer.deterministic=true"]
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "stage", "ldm", "-c", "configs/ldm/tiny.yaml",
+                                 *arguments], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert stage(straight).wait() == 0
+    process, deadline = stage(killed), time.time() + 300
+    while latest(killed / "checkpoints") is None:  # each step draws its images: seconds to kill it in
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert step_of(latest(killed / "checkpoints")) == 2 and not (killed / "final").exists()
+    resumed = stage(killed)
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0 and "resumed from" in output, output[-3000:]
+    expected, got = (safetensors.torch.load_file(run / "checkpoints" / "step-00000004" / "model.safetensors")
+                     for run in (straight, killed))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
+    drawn = {path.name for path in (killed / "images").iterdir()}  # samples of held-out captions during training
+    assert {"samples-step-00000001.png", "samples-step-00000003.png", "samples-step-00000004.png"} <= drawn
+
+
+def test_score_reads_an_autoencoders_reconstructions_of_held_out_images_with_the_oracle(ldm_path, monkeypatch):
+    from pipeline.models.kl_autoencoder import KLAutoencoder
+    from stages import score
+
+    run = ldm_path / "ldm-sampled"
+    if not (run / "final").exists():
+        assert run_stage("ldm", _ldm(ldm_path, ldm_path / "latents", run)) == 0
+    _samples(run, ldm_path / "scored", "ldm.steps=2")
+    cfg = load_config(score.Config, None, [f"samples={ldm_path / 'scored'}", f"out_dir={ldm_path / 'score'}",
+                                           f"autoencoder={ldm_path / 'klae'}", "reconstructions=16"])
+    assert run_stage("score", cfg) == 0
+    rebuilt = json.loads((ldm_path / "score" / "quality.json").read_text())["reconstructions"]
+    assert rebuilt["images"] == 16 and 5 < rebuilt["psnr"] < 40 and 0 <= rebuilt["oracle_agreement"] < 1  # 2 steps
+    assert "held-out images" in (ldm_path / "score" / "report.html").read_text()
+    monkeypatch.setattr(KLAutoencoder, "reconstruct", lambda self, images: images + 0.01)  # a near-perfect one
+    perfect = score.score_reconstructions(str(ldm_path / "klae"), 16)
+    assert perfect["oracle_agreement"] == 1 and perfect["psnr"] == pytest.approx(10 * np.log10(4 / 1e-4), rel=1e-3)
