@@ -11,7 +11,7 @@ from pipeline.engine.config import TrainConfig
 from pipeline.engine.loop import exit_code, train
 from pipeline.images import reconstructions
 from pipeline.models.kl_autoencoder import KLAutoencoder, KLAutoencoderConfig
-from pipeline.models.perceptual import lpips_vgg
+from pipeline.perceptual import lpips_vgg
 
 OUTPUT = "trainer.out_dir"
 

@@ -68,8 +68,9 @@ class ShardedAverage:
         self.decay, self.n_averaged = decay, 0
         self.parameters = dict(module.named_parameters())
         self.shards = {name: p.ds_tensor.detach().float().clone() for name, p in self.parameters.items()}
+        saved = module.state_dict().keys()  # persistent buffers only, as AveragedModel's state dict holds
         self.buffers = {name: b.detach().float().clone() if b.is_floating_point() else b.detach().clone()
-                        for name, b in module.named_buffers()}
+                        for name, b in module.named_buffers() if name in saved}
 
     def update(self, module: nn.Module) -> None:
         weight = 1.0 if self.n_averaged == 0 else 1 - self.decay

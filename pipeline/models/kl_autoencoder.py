@@ -8,7 +8,7 @@ and a latent back to an image. Per image, summed over its pixels and latent entr
     L_rec = sum |x - D(z)| + perceptual_weight * LPIPS(x, D(z)) * C * H * W,   z ~ q(z|x)
     L = L_rec + kl_weight * KL(q(z|x) || N(0, I)) + lambda * disc_factor * L_G,
 
-with kl_weight 1e-6 and LPIPS over VGG16 (pipeline/models/perceptual.py; LDM's weight is 1), counted
+with kl_weight 1e-6 and LPIPS over VGG16 (pipeline/perceptual.py; LDM's weight is 1), counted
 at every pixel as taming's loss broadcasts it. With `disc_weight` > 0 a PatchGAN discriminator (Isola et al. 2017) is trained
 in its own phase with the hinge loss 0.5 (relu(1 - D(x)) + relu(1 + D(x_hat))) per patch, and the generator's
 adversarial term L_G = -D(x_hat) is weighted adaptively (Esser et al. 2021, "Taming Transformers"):

@@ -7,7 +7,7 @@ import torch
 from torchvision.models.vgg import cfgs, make_layers
 
 from pipeline.models.kl_autoencoder import KLAutoencoder, KLAutoencoderConfig
-from pipeline.models.perceptual import lpips_vgg
+from pipeline.perceptual import lpips_vgg
 from tests.models.test_kl_autoencoder import TINY, _batch
 
 RELU_OUTPUTS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 of vgg16.features
