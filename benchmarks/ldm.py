@@ -36,7 +36,7 @@ from pipeline.models.kl_autoencoder import KLAutoencoder
 from stages import kl_autoencoder, ldm
 
 TOKENIZER = "open_clip:ViT-B-32"
-PLACEHOLDERS = ["data.shards=-", "autoencoder=-", "trainer.out_dir=-"]
+PLACEHOLDERS = ["data.shards=unused", "autoencoder=unused", "trainer.out_dir=unused"]
 
 
 def _sync(device: torch.device) -> None:
