@@ -1,7 +1,7 @@
 """The exponential moving average of a model's weights (`trainer.ema_decay`), kept in fp32.
 
 Two forms with one interface: `update(module)` after each optimizer step, and `state_dict()` /
-`load_state_dict()` in torch's `AveragedModel` layout ('module.<name>' for every parameter and
+`load(path)` in torch's `AveragedModel` layout ('module.<name>' for every parameter and
 buffer, and 'n_averaged') whichever form wrote it, so checkpoints and final weights move between
 world sizes and ZeRO stages.
 - `FullAverage`: an `AveragedModel` of the whole module, on ranks that hold every weight.
@@ -69,12 +69,13 @@ class ShardedAverage:
         self.parameters = dict(module.named_parameters())
         self.shards = {name: p.ds_tensor.detach().float().clone() for name, p in self.parameters.items()}
         saved = module.state_dict().keys()  # persistent buffers only, as AveragedModel's state dict holds
+        self.live_buffers = {name: b for name, b in module.named_buffers() if name in saved}
         self.buffers = {name: b.detach().float().clone() if b.is_floating_point() else b.detach().clone()
-                        for name, b in module.named_buffers() if name in saved}
+                        for name, b in self.live_buffers.items()}
 
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module) -> None:  # `module` is the one given at construction
         weight = 1.0 if self.n_averaged == 0 else 1 - self.decay
-        live = dict(module.named_buffers())
+        live = self.live_buffers
         with torch.no_grad():
             for name, shard in self.shards.items():
                 shard.lerp_(self.parameters[name].ds_tensor.float(), weight)
