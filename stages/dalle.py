@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -39,9 +40,10 @@ class Config(TrainConfig):
             raise ValueError("dvae is required: the dvae run that made the token shards")
 
 
-def check_tokens(cfg: Config) -> dict:
-    """The token shards' manifest, after checking it matches the dVAE and the model's shape."""
-    manifest = require(cfg.data.shards, ("text_tokens", "image_tokens"), cfg.dvae)
+def check_tokens(cfg: Config, trained_run: Path | None = None) -> dict:
+    """The token shards' manifest (for a trained run, the copy it recorded), after checking it
+    matches the dVAE and the model's shape."""
+    manifest = require(cfg.data.shards, ("text_tokens", "image_tokens"), cfg.dvae, trained_run)
     info, producer = manifest["info"], manifest["producer"]
     if len(info["code_grids"]) != 1:
         raise ValueError(f"the prior models one code grid, but {cfg.dvae!r} makes {len(info['code_grids'])}")
@@ -96,7 +98,7 @@ class Sampler:
     @classmethod
     def from_run(cls, run: str, options: SamplerConfig, device: torch.device) -> Sampler:
         trained = load_run(run, "dalle")
-        return cls(trained.model, trained.cfg, check_tokens(trained.cfg), options, device)
+        return cls(trained.model, trained.cfg, check_tokens(trained.cfg, trained.folder), options, device)
 
     @torch.no_grad()
     def sample(self, captions: list[str], seeds: list[int]) -> torch.Tensor:

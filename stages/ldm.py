@@ -53,9 +53,10 @@ class Config(TrainConfig):
             raise ValueError("autoencoder is required: the kl_autoencoder run that made the latent shards")
 
 
-def check_latents(cfg: Config) -> dict:
-    """The latent shards' manifest, after checking it matches the autoencoder and the model's shape."""
-    manifest = require(cfg.data.shards, LATENT_MEMBERS, cfg.autoencoder)
+def check_latents(cfg: Config, trained_run: Path | None = None) -> dict:
+    """The latent shards' manifest (for a trained run, the copy it recorded), after checking it
+    matches the autoencoder and the model's shape."""
+    manifest = require(cfg.data.shards, LATENT_MEMBERS, cfg.autoencoder, trained_run)
     m, producer, (channels, size, width) = cfg.model, manifest["producer"], manifest["info"]["latent_shape"]
     if size != width:
         raise ValueError(f"the latent shards hold {size}x{width} latents: the UNet takes square ones")
@@ -149,7 +150,7 @@ class Sampler:
     @classmethod
     def from_run(cls, run: str, options: SamplerConfig, device: torch.device) -> Sampler:
         trained = load_run(run, "ldm")
-        return cls(trained.model, *_decoder_and_tokenizer(trained.cfg, check_latents(trained.cfg)), options, device)
+        return cls(trained.model, *_decoder_and_tokenizer(trained.cfg, check_latents(trained.cfg, trained.folder)), options, device)
 
     @torch.no_grad()
     def sample(self, captions: list[str], seeds: list[int]) -> torch.Tensor:
@@ -201,7 +202,7 @@ def export(run: str, fmt: str, out: str) -> Path:
         raise ValueError(f"{target} is not empty: export to a new folder")
     trained = load_run(run, "ldm")
     cfg, model = trained.cfg, trained.model
-    producer = check_latents(cfg)["producer"]
+    producer = check_latents(cfg, trained.folder)["producer"]
     with tempfile.TemporaryDirectory() as folder:
         save_clip_tokenizer(producer["tokenizer"], producer["text_length"], folder)
         tokenizer = CLIPTokenizer.from_pretrained(folder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -62,9 +63,10 @@ class GridPrior(nn.Module):
         return self.prior(batch)
 
 
-def check_tokens(cfg: Config) -> dict:
-    """The token shards' manifest, after checking it matches the autoencoder and the model's shape."""
-    manifest = require(cfg.data.shards, ("text_tokens", "image_tokens"), cfg.autoencoder)
+def check_tokens(cfg: Config, trained_run: Path | None = None) -> dict:
+    """The token shards' manifest (for a trained run, the copy it recorded), after checking it
+    matches the autoencoder and the model's shape."""
+    manifest = require(cfg.data.shards, ("text_tokens", "image_tokens"), cfg.autoencoder, trained_run)
     info, producer = manifest["info"], manifest["producer"]
     grids = info["code_grids"]
     if (len(grids) == 1) != (cfg.level == "single"):
@@ -111,14 +113,14 @@ class Sampler:
     @classmethod
     def from_run(cls, run: str, options: SamplerConfig, device: torch.device) -> Sampler:
         trained = load_run(run, "pixelcnn")
-        manifest = check_tokens(trained.cfg)
+        manifest = check_tokens(trained.cfg, trained.folder)
         if trained.cfg.level == "single":
             return cls(trained.model, trained.cfg, manifest, options, device)
         if trained.cfg.level != "bottom" or not options.top_run:
             raise ValueError(f"{run}: a VQ-VAE-2 {trained.cfg.level} prior: sample with the bottom prior as run "
                              "and the top prior as pixelcnn.top_run")
         top = load_run(options.top_run, "pixelcnn")
-        if top.cfg.level != "top" or check_tokens(top.cfg)["producer"] != manifest["producer"]:
+        if top.cfg.level != "top" or check_tokens(top.cfg, top.folder)["producer"] != manifest["producer"]:
             raise ValueError(f"pixelcnn.top_run={options.top_run!r} is not a top-level prior over the same VQ-VAE-2's "
                              f"codes as {run!r}")
         return cls(trained.model, trained.cfg, manifest, options, device, top.model)

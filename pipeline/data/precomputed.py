@@ -33,6 +33,7 @@ from pipeline.data.tars import RawSample, Skip, expand_shards
 from pipeline.files import sha256_of
 
 MANIFEST = "manifest.json"
+RUN_MANIFEST = "data-manifest.json"  # a training run's copy of the manifest of the shards it read
 _FLOAT16_MAX = 65504.0
 
 
@@ -127,22 +128,36 @@ def read_manifest(shards: str) -> dict:
     return manifest if "members" in manifest else _upgrade_token_manifest(manifest)
 
 
-def require(shards: str, members: Iterable[str], producer_run: str | Path | None) -> dict:
+def record_manifest(shards: str, run_folder: str | Path) -> None:
+    """Copies the shards' manifest into a training run's folder (RUN_MANIFEST), so that the run
+    samples and exports with what it trained on after its shards are moved or deleted."""
+    target = Path(run_folder) / RUN_MANIFEST
+    partial = target.with_name(target.name + ".tmp")
+    partial.write_text(json.dumps(read_manifest(shards), indent=1))
+    partial.replace(target)
+
+
+def require(shards: str, members: Iterable[str], producer_run: str | Path | None,
+            trained_run: str | Path | None = None) -> dict:
     """The manifest of precomputed shards, after checking they hold `members` and were made by the
     trained run in folder `producer_run` (the sha256 of its final weights); a ValueError saying
-    what differs and how to fix it otherwise."""
-    manifest = read_manifest(shards)
-    folder = manifest_path(shards).parent
+    what differs and how to fix it otherwise. For a run trained on them (`trained_run`), the copy
+    its training recorded is checked when it has one, rather than whatever the shards' folder holds now."""
+    recorded = Path(trained_run) / RUN_MANIFEST if trained_run is not None else None
+    if recorded is not None and recorded.exists():
+        manifest, where = json.loads(recorded.read_text()), f"the shards {trained_run} trained on (its {RUN_MANIFEST})"
+    else:
+        manifest, where = read_manifest(shards), f"the shards in {manifest_path(shards).parent}"
     missing = sorted(set(members) - set(manifest["members"]))
     if missing:
         held = ", ".join(f"{name} {member.describe()}" for name, member in members_of(manifest).items())
-        raise ValueError(f"the shards in {folder} hold {held}; this stage needs {', '.join(missing)} too")
+        raise ValueError(f"{where} hold {held}; this stage needs {', '.join(missing)} too")
     if producer_run is not None:
         weights = Path(producer_run) / "final" / "model.safetensors"
         actual = sha256_of(weights) if weights.exists() else "(missing)"
         made_by = manifest["producer"]["weights_sha256"]
         if made_by != actual:
-            raise ValueError(f"the shards in {folder} were made by a {manifest['producer']['stage']} run with weights "
+            raise ValueError(f"{where} were made by a {manifest['producer']['stage']} run with weights "
                              f"sha256 {made_by[:12]}..., "
                              f"but {str(producer_run)!r} has {actual[:12]}...: re-run the stage that made them with this "
                              "run, or point to the one that made them")

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from pipeline.data.loader import StreamingLoader
+from pipeline.data.precomputed import record_manifest
 from pipeline.engine.backends import make_backend
 from pipeline.engine.checkpoint import Checkpointer, finished_step, latest, step_of
 from pipeline.engine.config import TrainConfig
@@ -92,6 +93,8 @@ class _Run:
         self.out = Path(cfg.trainer.out_dir)
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if cfg.data.kind == "precomputed":
+                record_manifest(cfg.data.shards, self.out)
         _seed_everything(cfg.trainer.seed + dist.rank, cfg.trainer.deterministic)
         if dist.device.type == "cpu":
             threads = _cpu_threads(cfg)

@@ -1,5 +1,6 @@
 """The latent-diffusion stages through the real training loop, on shapes."""
 import json
+import shutil
 
 import numpy as np
 import PIL.Image
@@ -180,6 +181,23 @@ def test_guidance_and_a_negative_caption_change_the_images(ldm_path):
     guided = _samples(run, ldm_path / "guided", "ldm.steps=3", "ldm.guidance_scale=7")
     negative = _samples(run, ldm_path / "negative", "ldm.steps=3", "ldm.guidance_scale=7", "ldm.negative_caption=a blue square")
     assert not torch.equal(plain[0], guided[0]) and not torch.equal(guided[0], negative[0])
+
+
+def test_a_run_samples_with_the_manifest_it_recorded_after_its_latent_shards_are_gone(ldm_path, tmp_path):
+    shards, run = tmp_path / "latents", tmp_path / "ldm"
+    shutil.copytree(ldm_path / "latents", shards)
+    assert run_stage("ldm", _ldm(ldm_path, shards, run)) == 0
+    assert json.loads((run / "data-manifest.json").read_text()) == json.loads((shards / "manifest.json").read_text())
+    before = _samples(run, tmp_path / "before", "ldm.steps=3")
+    shutil.rmtree(shards)
+    after = _samples(run, tmp_path / "after", "ldm.steps=3")
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    # the recorded copy is still checked against the autoencoder the run names
+    recorded = json.loads((run / "data-manifest.json").read_text())
+    recorded["producer"]["weights_sha256"] = "0" * 64
+    (run / "data-manifest.json").write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match="trained on \\(its data-manifest.json\\) were made by a kl_autoencoder run"):
+        ldm.Sampler.from_run(str(run), ldm.SamplerConfig(steps=3), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("scheduler, guidance", [("dpm++", 5.0), ("ddim", 1.0), ("euler", 3.0)])
