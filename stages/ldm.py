@@ -150,7 +150,8 @@ class Sampler:
     @classmethod
     def from_run(cls, run: str, options: SamplerConfig, device: torch.device) -> Sampler:
         trained = load_run(run, "ldm")
-        return cls(trained.model, *_decoder_and_tokenizer(trained.cfg, check_latents(trained.cfg, trained.folder)), options, device)
+        manifest = check_latents(trained.cfg, trained.folder)
+        return cls(trained.model, *_decoder_and_tokenizer(trained.cfg, manifest), options, device)
 
     @torch.no_grad()
     def sample(self, captions: list[str], seeds: list[int]) -> torch.Tensor:
